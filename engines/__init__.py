@@ -1,0 +1,1 @@
+"""Engines: protocol, registry, telemetry, model provisioning and one module per variant."""

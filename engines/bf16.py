@@ -1,0 +1,221 @@
+"""The transformers baseline (`bf16`, `bf16-compiled`) and the base class of every in-process
+transformers variant (nf4, int8, gptq-int4, spec).
+
+One plain generate() runs in a worker thread; a BaseStreamer subclass receives token ids in that
+thread and stamps them there, so the consumer's pace never shifts a timestamp. Subclasses override
+`_load_model()` (how weights are built) and `_generate_kwargs()` (what generate() gets extra).
+"""
+from __future__ import annotations
+
+import importlib.util
+import queue
+import threading
+from typing import Iterator
+
+from engines.models import ModelSource, resolve_model
+from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
+                              ProgressCallback, StreamEvent, validate_prompt)
+from engines.registry import has_gpu
+from engines.telemetry import GenerationRecorder, MemoryProbe
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+_DONE = object()
+
+
+def attention_unavailable_reason(attn_implementation: str, device: str) -> str | None:
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        return f"unknown attention '{attn_implementation}'; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+    if attn_implementation == "flash_attention_2":
+        if device == "cpu":
+            return "flash_attention_2 needs a CUDA GPU"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash_attention_2 needs the flash-attn package, which is not installed"
+    return None
+
+
+class _TokenStreamer:
+    """transformers streamer protocol (put/end). put() gets the prompt first, then each step's new
+    token ids: one per step normally, several for an assisted-generation step."""
+
+    def __init__(self, recorder: GenerationRecorder):
+        self.recorder = recorder
+        self.queue: queue.Queue = queue.Queue()
+        self._is_prompt = True
+
+    def put(self, token_ids) -> None:
+        if self._is_prompt:
+            self._is_prompt = False
+            return
+        ids = token_ids.reshape(-1).tolist()
+        self.recorder.on_tokens(len(ids))
+        self.queue.put(ids)
+
+    def end(self) -> None:
+        self.queue.put(_DONE)
+
+
+class TransformersEngine:
+    """An in-process transformers model. load() is idempotent; stream() is one request at a time."""
+
+    def __init__(self, name: str, model: str | None = None, options: dict | None = None):
+        self.name = name
+        self.model_name = model
+        self.options = dict(options or {})
+        self.device = self.options.get("device") or ("cuda" if has_gpu() else "cpu")
+        self.source: ModelSource | None = None
+        self.model = None
+        self.tokenizer = None
+        self.recorder: GenerationRecorder | None = None
+        self.last_token_ids: list[int] = []
+        self._lock = threading.Lock()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def max_context_tokens(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        if self.model is not None:
+            return
+        attn = self.options.get("attn_implementation", "sdpa")
+        reason = attention_unavailable_reason(attn, self.device)
+        if reason:
+            raise EngineUnavailable(reason)
+        self.source = resolve_model(self.model_name, progress)
+        from transformers import AutoTokenizer
+        if progress:
+            progress(f"{self.name}: loading {self.source.name} on {self.device}")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+        try:
+            self.model = self._load_model(self.source, progress).eval()
+        except EngineError:
+            raise
+        except Exception as error:
+            raise EngineError(f"{self.name}: could not load {self.source.name}: {_describe(error)}") from error
+        self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
+        if progress:
+            progress(f"{self.name}: ready")
+
+    def _torch_dtype(self):
+        import torch
+        return getattr(torch, self.options.get("dtype", "bfloat16"))
+
+    def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=self._torch_dtype(),
+            attn_implementation=self.options.get("attn_implementation", "sdpa")).to(self.device)
+        if self.options.get("compile"):
+            # A static cache gives torch.compile fixed shapes; generate() then compiles the forward.
+            model.generation_config.cache_implementation = "static"
+        return model
+
+    def _generate_kwargs(self, params: GenerationParams) -> dict:
+        """Extra generate() arguments; the speculative variant adds its drafting here."""
+        return {}
+
+    def _after_generate(self, prompt_ids, output) -> None:
+        """Hook run in the worker thread after generate() returns; speculative stats live here."""
+
+    def encode(self, prompt: str):
+        """Prompt -> input ids on the engine's device, checked against the context length."""
+        encoded = self.tokenizer(prompt, return_tensors="pt")
+        return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]:
+        if self.model is None:
+            raise EngineError(f"{self.name}: not loaded")
+        prompt = validate_prompt(prompt)
+        params = params.validate()
+        input_ids, attention_mask = self.encode(prompt)
+        num_prompt_tokens = input_ids.shape[1]
+        if num_prompt_tokens + params.max_new_tokens > self.max_context_tokens:
+            raise EngineError(f"the prompt is {num_prompt_tokens} tokens and {params.max_new_tokens} new tokens "
+                              f"were asked for; {self.name} accepts {self.max_context_tokens} tokens in all")
+        if not self._lock.acquire(blocking=False):
+            raise EngineError(f"{self.name} is busy with another request")
+        stop_event = threading.Event()
+        streamer = _TokenStreamer(self.recorder)
+        errors: list[BaseException] = []
+        self.recorder.start(num_prompt_tokens)
+        worker = threading.Thread(target=self._run_generate, name=f"{self.name}-generate", daemon=True,
+                                  args=(input_ids, attention_mask, params, streamer, stop_event, errors))
+        finish_reason = "cancelled"
+        try:
+            worker.start()
+            yield from self._decode_stream(streamer)
+            worker.join()
+            if errors:
+                finish_reason = "error"
+                raise EngineError(f"{self.name}: generation failed: {_describe(errors[0])}") from errors[0]
+            finish_reason = "length" if len(self.last_token_ids) >= params.max_new_tokens else "eos"
+        finally:
+            stop_event.set()
+            worker.join(timeout=60)
+            self.recorder.finish(finish_reason)
+            self._lock.release()
+
+    def _decode_stream(self, streamer: _TokenStreamer) -> Iterator[StreamEvent]:
+        """Turn id chunks into text deltas. Text is decoded from all ids so far, so multi-byte characters
+        split over tokens come out whole; tokens whose text is still pending ride on the next event."""
+        self.last_token_ids = []
+        emitted_text, pending_tokens = "", 0
+        while (chunk := streamer.queue.get()) is not _DONE:
+            self.last_token_ids.extend(chunk)
+            pending_tokens += len(chunk)
+            text = self.tokenizer.decode(self.last_token_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            delta = text[len(emitted_text):]
+            if delta:
+                yield StreamEvent(delta, pending_tokens)
+                emitted_text, pending_tokens = text, 0
+        if pending_tokens:
+            final_text = self.tokenizer.decode(self.last_token_ids, skip_special_tokens=True)
+            yield StreamEvent(final_text[len(emitted_text):], pending_tokens)
+
+    def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event, errors) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _StopWhenAsked(StoppingCriteria):
+            def __call__(self, ids, scores, **kwargs):
+                return torch.full((ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=ids.device)
+
+        try:
+            torch.manual_seed(params.seed)
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
+                if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
+                    min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
+                    pad_token_id=self.tokenizer.pad_token_id, **sampling, **self._generate_kwargs(params))
+            self._after_generate(input_ids, output)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            streamer.end()
+
+    def stats(self) -> EngineStats:
+        return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        import gc
+        gc.collect()
+        if self.device != "cpu":
+            import torch
+            torch.cuda.empty_cache()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    if "out of memory" in message.lower():
+        return f"out of memory: {message}. Unload another engine or lower max new tokens."
+    return f"{type(error).__name__}: {message}"

@@ -1,0 +1,50 @@
+"""Arguments and helpers shared by the subcommands that run engines."""
+from __future__ import annotations
+
+import sys
+
+from engines.protocol import GenerationParams
+
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="short name from assets/models.toml, hub id or local path "
+                             "(default: PLAYGROUND_MODEL or the embedded Gemma-3-270M)")
+    parser.add_argument("--attn", dest="attn_implementation", default=None,
+                        choices=["eager", "sdpa", "flash_attention_2"], help="transformers attention (default sdpa)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="transformers weight dtype (default bfloat16)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine-specific option, repeatable (e.g. kv_cache_dtype=fp8)")
+
+
+def add_generation_arguments(parser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def engine_options(args) -> dict:
+    options = {key: getattr(args, key) for key in ("attn_implementation", "dtype") if getattr(args, key, None)}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key.strip()] = _parse_value(value.strip())
+    return options
+
+
+def generation_params(args) -> GenerationParams:
+    return GenerationParams(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()
+
+
+def progress_to_stderr(message: str) -> None:
+    print(f"[progress] {message}", file=sys.stderr, flush=True)
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)

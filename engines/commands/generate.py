@@ -1,0 +1,47 @@
+"""`python -m engines generate`: stream one prompt through one engine, then print its stats."""
+from __future__ import annotations
+
+import json
+import sys
+
+from engines.commands.common import (add_generation_arguments, add_model_arguments, engine_options,
+                                     generation_params, progress_to_stderr)
+from engines.registry import create_engine
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--engine", required=True, help="variant name (see `python -m engines list`)")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (text, tokens, ttft_s, decode_tok_s, itl_ms, memory)")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+
+
+def run(args) -> int:
+    params = generation_params(args)
+    engine = create_engine(args.engine, model=args.model, **engine_options(args))
+    engine.load(progress=progress_to_stderr)
+    pieces = []
+    for event in engine.stream(args.prompt, params):
+        pieces.append(event.text)
+        if not args.json:
+            print(event.text, end="", flush=True)
+    stats = engine.stats()
+    result = {"engine": args.engine, "model": engine.source.name if getattr(engine, "source", None) else args.model,
+              "text": "".join(pieces), **stats.to_dict()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        print(_format_stats(result), file=sys.stderr)
+    return 0
+
+
+def _format_stats(result: dict) -> str:
+    def fmt(value, unit=""):
+        return "n/a" if value is None else f"{value:.3f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+    return (f"--- {result['engine']}: {result['num_tokens']} tokens ({result['finish_reason']}), "
+            f"TTFT {fmt(result['ttft_s'], ' s')}, decode {fmt(result['decode_tok_s'], ' tok/s')}, "
+            f"ITL p50/p95 {fmt(result['itl_ms_p50'])}/{fmt(result['itl_ms_p95'])} ms, "
+            f"peak memory {fmt(result['peak_memory_gb'], ' GB')} ({result['memory_kind']})")

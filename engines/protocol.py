@@ -1,0 +1,146 @@
+"""The small contract every engine variant keeps, and the dataclasses that cross it.
+
+An engine is loaded once, then streams any number of prompts. `stream()` yields `StreamEvent`s whose
+`num_tokens` is exact: a speculative step that accepts three tokens yields one event with
+`num_tokens=3`. `stats()` may be called at any time, from any thread, and returns a snapshot.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+# Bounds that keep one request from pinning the machine; the UI and CLI validate against them.
+MAX_NEW_TOKENS_LIMIT = 8192
+MAX_PROMPT_CHARS = 200_000
+
+ProgressCallback = Callable[[str], None]
+
+
+class EngineError(RuntimeError):
+    """An error meant for the user: its message is shown as it is, without a traceback."""
+
+
+class EngineUnavailable(EngineError):
+    """The variant cannot run on this machine; the message says why."""
+
+
+@dataclass
+class GenerationParams:
+    """What the user asks of one generation. temperature 0 means greedy."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "GenerationParams":
+        """Return a checked copy, or raise EngineError with a message that names the bad field."""
+        try:
+            max_new_tokens = int(self.max_new_tokens)
+            temperature = float(self.temperature)
+            top_p = float(self.top_p)
+            seed = int(self.seed)
+        except (TypeError, ValueError) as error:
+            raise EngineError(f"generation parameters must be numbers: {error}") from None
+        if isinstance(self.max_new_tokens, float) and not self.max_new_tokens.is_integer():
+            raise EngineError(f"max_new_tokens must be a whole number, got {self.max_new_tokens}")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise EngineError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+        if math.isnan(temperature) or not 0.0 <= temperature <= 5.0:
+            raise EngineError(f"temperature must be between 0 (greedy) and 5, got {self.temperature}")
+        if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        return GenerationParams(max_new_tokens, temperature, top_p, seed)
+
+
+def validate_prompt(prompt: object) -> str:
+    """Return the prompt if it can be generated from, else raise EngineError saying why."""
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EngineError("the prompt is not valid UTF-8 text") from None
+    if not isinstance(prompt, str):
+        raise EngineError(f"the prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise EngineError("the prompt is empty: type some text first")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise EngineError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+    # Control characters other than tab/newline/carriage return carry no meaning for a language model
+    # and some tokenizers choke on them; the user sees that they were removed in the returned text.
+    return "".join(ch for ch in prompt if ch in "\t\n\r" or ch.isprintable() or not ch.isascii())
+
+
+@dataclass
+class StreamEvent:
+    """New text since the previous event and the exact number of tokens it carries (>= 1)."""
+    text: str
+    num_tokens: int
+
+
+@dataclass
+class StatSample:
+    """One point of the time series the UI charts; t_s counts from the request's submit."""
+    t_s: float
+    num_tokens: int
+    decode_tok_s: float
+    memory_gb: float
+    kv_used_frac: float | None = None
+    kv_blocks_used: int | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of one engine's latest generation. Units are in the names; None is 'not measured'."""
+    engine: str
+    num_tokens: int = 0
+    num_prompt_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float | None = None
+    decode_s: float | None = None
+    decode_tok_s: float | None = None
+    itl_ms_p50: float | None = None
+    itl_ms_p95: float | None = None
+    memory_gb: float | None = None
+    peak_memory_gb: float | None = None
+    torch_peak_gb: float | None = None
+    memory_kind: str = ""
+    kv_blocks_used: int | None = None
+    kv_blocks_total: int | None = None
+    kv_block_size: int | None = None
+    kv_used_frac: float | None = None
+    kv_peak_used_frac: float | None = None
+    num_preemptions: int | None = None
+    prefix_cache_hit_frac: float | None = None
+    num_drafts: int | None = None
+    num_draft_tokens: int | None = None
+    num_accepted_tokens: int | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_len: float | None = None
+    is_finished: bool = False
+    finish_reason: str = ""
+    samples: list[StatSample] = field(default_factory=list)
+
+    def to_dict(self, with_samples: bool = False) -> dict:
+        data = asdict(self)
+        if not with_samples:
+            data.pop("samples")
+        return data
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every variant implements. load() is idempotent; unload() returns the memory."""
+    name: str
+
+    def load(self, progress: ProgressCallback | None = None) -> None: ...
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def unload(self) -> None: ...

@@ -1,0 +1,118 @@
+"""The variant registry: data, not imports. name -> EngineSpec with its import target as a string.
+
+Availability is decided without importing torch, vllm or bitsandbytes: installed packages are found
+with importlib.util.find_spec, the GPU through NVML, CPU features through /proc/cpuinfo. Each
+unavailable variant carries the reason a user would need to fix it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from engines.protocol import EngineError, EngineUnavailable
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    label: str
+    description: str
+    target: str | None                      # "module:Class"; a missing module reads "not implemented yet"
+    requires: tuple[str, ...] = ()          # importable modules
+    is_gpu_only: bool = False
+    needs_cpu_avx512_on_cpu: bool = False   # vLLM's FP8 KV cache on a CPU
+    defaults: dict = field(default_factory=dict)
+
+
+SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
+    EngineSpec("bf16", "BF16 (transformers)", "transformers baseline, attention eager/sdpa/flash_attention_2",
+               "engines.bf16:TransformersEngine", ("torch", "transformers")),
+    EngineSpec("bf16-compiled", "BF16 + torch.compile", "static KV cache and torch.compile",
+               "engines.bf16:TransformersEngine", ("torch", "transformers"),
+               defaults={"compile": True}),
+    EngineSpec("gptq-int4", "INT4 GPTQ (GPTQModel)", "4-bit GPTQ, group size 128, quantized on first use",
+               "engines.gptq:GptqEngine", ("torch", "transformers", "gptqmodel", "optimum")),
+    EngineSpec("nf4", "NF4 (bitsandbytes)", "bitsandbytes 4-bit NormalFloat weights",
+               "engines.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
+               defaults={"bits": 4}),
+    EngineSpec("int8", "INT8 (bitsandbytes)", "bitsandbytes LLM.int8 weights",
+               "engines.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
+               defaults={"bits": 8}),
+    EngineSpec("vllm", "vLLM (paged, BF16 KV)", "vLLM paged attention, KV cache in the model dtype",
+               "engines.vllm_engine:VllmEngine", ("vllm",), defaults={"kv_cache_dtype": "auto"}),
+    EngineSpec("vllm-fp8kv", "vLLM (paged, FP8 KV)", "vLLM paged attention with an FP8 KV cache",
+               "engines.vllm_engine:VllmEngine", ("vllm",), needs_cpu_avx512_on_cpu=True,
+               defaults={"kv_cache_dtype": "fp8"}),
+    EngineSpec("spec", "Speculative (transformers)", "assisted generation: prompt lookup, or a draft model",
+               "engines.speculative:SpeculativeEngine", ("torch", "transformers")),
+    EngineSpec("vllm-spec", "Speculative (vLLM)", "vLLM speculative decoding: n-gram, draft model or EAGLE",
+               "engines.vllm_engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"}),
+    EngineSpec("remote", "Remote (OpenAI API)", "any OpenAI-compatible server, with its /metrics scraped",
+               "engines.remote:RemoteEngine", ("httpx",)),
+]}
+
+
+@lru_cache(maxsize=1)
+def has_gpu() -> bool:
+    if os.environ.get("PLAYGROUND_FORCE_CPU") == "1":
+        return False
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def unavailable_reason(spec: EngineSpec) -> str | None:
+    """None when the variant can run here, else why not."""
+    if spec.target is None or importlib.util.find_spec(spec.target.split(":")[0]) is None:
+        return "not implemented yet"
+    missing = [module for module in spec.requires if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"package not installed: {', '.join(missing)}"
+    if spec.is_gpu_only and not has_gpu():
+        return "needs an NVIDIA GPU; none is visible"
+    if spec.needs_cpu_avx512_on_cpu and not has_gpu() and not ({"avx512f", "amx_tile"} & cpu_flags()):
+        return "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
+    if os.environ.get("SPACES_ZERO_GPU") and spec.name.startswith("vllm"):
+        return "vLLM needs a GPU for the whole process lifetime; ZeroGPU lends one per call"
+    return None
+
+
+def list_engines() -> list[dict]:
+    return [{"name": spec.name, "label": spec.label, "description": spec.description,
+             "is_available": unavailable_reason(spec) is None,
+             "reason": unavailable_reason(spec) or ""} for spec in SPECS.values()]
+
+
+def get_spec(name: str) -> EngineSpec:
+    if name not in SPECS:
+        raise EngineError(f"unknown engine '{name}'. Known engines: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def create_engine(name: str, model: str | None = None, **options):
+    """Instantiate (not load) the variant `name` for `model`; raises EngineError/EngineUnavailable."""
+    spec = get_spec(name)
+    reason = unavailable_reason(spec)
+    if reason:
+        raise EngineUnavailable(f"engine '{name}' is unavailable: {reason}")
+    module_name, class_name = spec.target.split(":")
+    engine_class = getattr(importlib.import_module(module_name), class_name)
+    return engine_class(name=name, model=model, options={**spec.defaults, **options})

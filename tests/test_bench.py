@@ -1,0 +1,115 @@
+"""The headless benchmark (issue 7) on the real embedded model and real engines, the dummy-weights path on a
+small random Llama shape, and the roofline arithmetic."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines.bench import BenchConfig, build_prompt, run_bench
+from engines.model_shape import load_shape
+from engines.registry import list_engines
+from engines.roofline import decode_roofline, measure_bandwidth
+
+MAX_NEW_TOKENS = 8
+AVAILABLE = {row["name"] for row in list_engines() if row["is_available"]}
+# The second engine: a quantized one when it exists here, else the speculative one (both real engines).
+SECOND_ENGINE = next(name for name in ("nf4", "int8", "spec", "bf16-compiled") if name in AVAILABLE)
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+              "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def cli_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "engines", "bench", "--engines", f"bf16,{SECOND_ENGINE},no-such-engine",
+         "--max-new-tokens", str(MAX_NEW_TOKENS), "--prompt-tokens", "96", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    return out, done
+
+
+def test_bench_writes_every_file_and_prints_the_table_last(cli_bench):
+    out, done = cli_bench
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("results.json", "results.csv", "results.md", "plots.html"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("speed", "memory", "roofline", "quality"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["bf16", SECOND_ENGINE, "no-such-engine"]
+    assert "unknown engine 'no-such-engine'" in table[3]
+    assert done.stdout.strip().endswith((out / "results.md").read_text().strip())
+    assert "[progress]" in done.stderr and "Traceback" not in done.stderr
+    with open(out / "results.csv") as handle:
+        assert [row["engine"] for row in csv.DictReader(handle)] == ["bf16", SECOND_ENGINE, "no-such-engine"]
+
+
+def test_bench_numbers_are_positive(cli_bench):
+    out, _ = cli_bench
+    result = json.loads((out / "results.json").read_text())
+    assert result["bandwidth"]["bandwidth_gb_s"] > 0
+    ran = [row for row in result["rows"] if row["status"] == "ok"]
+    assert [row["engine"] for row in ran] == ["bf16", SECOND_ENGINE]
+    for row in ran:
+        for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_s", "encode_peak_gb", "generate_peak_gb",
+                    "roofline_tok_s", "roofline_frac", "bytes_per_token_gb"):
+            assert row[key] > 0, (row["engine"], key)
+        assert 1 <= row["num_tokens"] <= MAX_NEW_TOKENS
+        assert row["prefill_tokens"] >= 96
+    bf16 = ran[0]
+    if bf16["greedy_agreement"] is None:
+        assert bf16["quality_note"].startswith("n/a"), bf16
+    else:
+        assert bf16["greedy_agreement"] == 1.0 and bf16["perplexity"] > 1
+
+
+def test_dummy_weights_bench_generates_exactly_n_tokens(tmp_path):
+    config_path = tmp_path / "tiny-llama.json"
+    config_path.write_text(json.dumps(TINY_LLAMA))
+    result = run_bench(BenchConfig(engines=["bf16"], max_new_tokens=24, prompt_tokens=64, num_repeats=1,
+                                   dummy_config=str(config_path)))
+    (row,) = result.rows
+    assert row.status == "ok", row.reason
+    assert result.model == "dummy:tiny-llama"
+    assert row.num_tokens == 24      # EOS lies outside the shape's vocab, so a random model never stops early
+    assert row.quality_note == "n/a (random weights)" and row.perplexity is None
+    assert row.decode_tok_s > 0 and row.roofline_frac > 0
+
+
+def test_prompt_stays_inside_a_smaller_vocabulary(bf16_engine):
+    prompt = build_prompt(bf16_engine.tokenizer, 300, vocab_size=32000)
+    ids = bf16_engine.tokenizer(prompt).input_ids
+    assert 300 <= len(ids) < 310 and max(ids) < 32000
+
+
+def test_roofline_counts_quantized_weights_and_fp8_kv():
+    shape = load_shape("llama-3-8b")
+    bf16 = decode_roofline(shape, "bf16", bandwidth_gb_s=3000, context_tokens=1024)
+    assert bf16.weight_bytes == 2 * (shape.num_linear_params + shape.num_lm_head_params)
+    assert bf16.kv_bytes == 1024 * 128 * 1024                       # 128 KiB per token in BF16
+    assert bf16.roofline_tok_s == pytest.approx(3000e9 / (bf16.weight_bytes + bf16.kv_bytes))
+    assert decode_roofline(shape, "vllm-fp8kv", 3000, 1024).kv_bytes == bf16.kv_bytes / 2
+    int4 = decode_roofline(shape, "gptq-int4", 3000, 1024)
+    assert 2.5 < int4.roofline_tok_s / bf16.roofline_tok_s < 3.5     # INT4 body, BF16 head
+
+
+def test_cpu_bandwidth_is_measured():
+    bandwidth = measure_bandwidth("cpu", copy_bytes=64 * 1024 ** 2, num_repeats=3)
+    assert bandwidth.bandwidth_gb_s > 0.1 and "RAM" in bandwidth.method
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--engines", " , "], "name at least one engine"),
+    (["--engines", "bf16", "--dummy-weights", "no-such-shape"], "config 'no-such-shape' not found"),
+    (["--engines", "bf16", "--max-new-tokens", "0"], "max_new_tokens must be between 1"),
+])
+def test_bench_bad_input_is_a_clear_message(arguments, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "engines", "bench", *arguments, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

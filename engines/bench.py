@@ -82,6 +82,12 @@ class BenchResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchResult":
+        """Read back results.json, e.g. to merge runs made in separate processes."""
+        return cls(**{**data, "config": BenchConfig(**data["config"]),
+                      "rows": [BenchRow(**row) for row in data["rows"]]})
+
 
 def build_prompt(tokenizer, num_tokens: int, vocab_size: int) -> str:
     """Filler text of about `num_tokens` tokens (BOS included) using only ids below `vocab_size`."""

@@ -1,0 +1,282 @@
+"""`remote`: any OpenAI-compatible server (vllm serve, SGLang, TGI, llama.cpp) as one more engine.
+
+Configured by URL, served model name and optional API key: from the UI (constructor options `url`,
+`served_model`, `api_key`, `metrics_url`, `timeout_s`, `api`), or per server in a TOML file
+(PLAYGROUND_REMOTE_CONFIG, else assets/remote.toml; see assets/remote.example.toml), each of which the
+registry lists as `remote:<label>`. Completions stream through the openai client in a worker thread
+that stamps tokens as they arrive, so TTFT, tok/s and ITL are client-side and include the network.
+Token counts per chunk come from the chunk's logprobs (one entry per token); the final usage field
+(stream_options include_usage) is authoritative, and without logprobs or usage the count is the
+number of non-empty chunks, which `is_token_count_exact` then says. KV usage, preemptions and
+speculative acceptance are scraped from the server's Prometheus /metrics while the request runs.
+The server's memory is not visible from here, so memory fields stay None.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from engines.prometheus import MetricsDelta, MetricsReading, parse_metrics
+from engines.protocol import (EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
+                              validate_prompt)
+from engines.telemetry import GenerationRecorder, MemoryReading
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "remote.toml"
+CONNECT_TIMEOUT_S = 5.0
+METRICS_TIMEOUT_S = 2.0
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class _Finished:
+    reason: str
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    label: str
+    url: str
+    served_model: str | None = None
+    api_key_env: str | None = None
+    metrics_url: str | None = None
+    timeout_s: float = 60.0
+    api: str = "completions"
+
+    def options(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if value is not None and key != "label"}
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("PLAYGROUND_REMOTE_CONFIG") or DEFAULT_CONFIG)
+
+
+def read_remote_configs(path: Path | None = None) -> list[RemoteConfig]:
+    """The [remote.<label>] tables of the config file; [] when there is none. Raises EngineError."""
+    path = path or config_path()
+    if not path.is_file():
+        return []
+    try:
+        tables = tomllib.loads(path.read_text()).get("remote", {})
+        return [RemoteConfig(label=label, **table) for label, table in tables.items()]
+    except (tomllib.TOMLDecodeError, TypeError) as error:
+        raise EngineError(f"remote engine config {path} is not valid: {error}") from None
+
+
+class _NotMeasured:
+    """The server's memory lives on another machine; say so instead of reporting this process's RSS."""
+
+    def read(self) -> MemoryReading:
+        return MemoryReading(math.nan, "remote: not measured")
+
+    def torch_peak_gb(self) -> None:
+        return None
+
+
+class RemoteEngine:
+    """One OpenAI-compatible server. load() checks it answers and serves the model."""
+
+    def __init__(self, name: str, model: str | None = None, options: dict | None = None):
+        self.name = name
+        self.options = dict(options or {})
+        url = str(self.options.get("url") or "").rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EngineError(f"{name}: give the server's base URL as http(s)://host:port/v1, got '{url}'")
+        self.base_url = url if parts.path.endswith("/v1") else url + "/v1"
+        self.metrics_url = self.options.get("metrics_url") or f"{parts.scheme}://{parts.netloc}/metrics"
+        self.served_model = self.options.get("served_model") or model
+        self.api = self.options.get("api", "completions")
+        if self.api not in ("completions", "chat"):
+            raise EngineError(f"{name}: api must be 'completions' or 'chat', got '{self.api}'")
+        try:
+            self.timeout_s = float(self.options.get("timeout_s", 60.0))
+        except (TypeError, ValueError):
+            raise EngineError(f"{name}: timeout_s must be a number of seconds") from None
+        env_name = self.options.get("api_key_env")
+        self.api_key = self.options.get("api_key") or (os.environ.get(env_name) if env_name else None) or "none"
+        self.client = None
+        self.recorder: GenerationRecorder | None = None
+        self.is_token_count_exact = True
+        self.metrics_error = ""
+        self._metrics_delta: MetricsDelta | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.client is not None
+
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        if self.client is not None:
+            return
+        import httpx
+        import openai
+        client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                               timeout=httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S))
+        if progress:
+            progress(f"{self.name}: asking {self.base_url} which models it serves")
+        try:
+            served = [model.id for model in client.models.list()]
+        except Exception as error:
+            raise EngineError(self._explain(error, "listing its models")) from None
+        if not self.served_model and served:
+            self.served_model = served[0]
+        if self.served_model not in served:
+            raise EngineError(f"{self.name}: {self.base_url} does not serve '{self.served_model}'; "
+                              f"it serves: {', '.join(served) or 'nothing'}")
+        self.client = client
+        self.recorder = GenerationRecorder(self.name, _NotMeasured(), kv_probe=self._probe_metrics,
+                                           sample_interval_s=0.5)
+
+    def read_metrics(self) -> MetricsReading | None:
+        """One scrape of /metrics; None (and metrics_error says why) when it cannot be read."""
+        import httpx
+        try:
+            response = httpx.get(self.metrics_url, timeout=METRICS_TIMEOUT_S,
+                                 headers={"Authorization": f"Bearer {self.api_key}"})
+            response.raise_for_status()
+            self.metrics_error = ""
+            return parse_metrics(response.text, self.served_model)
+        except Exception as error:
+            self.metrics_error = f"{self.metrics_url}: {type(error).__name__}: {error}"
+            return None
+
+    def _probe_metrics(self) -> dict:
+        reading = self.read_metrics()
+        if reading is None or self._metrics_delta is None:
+            return {}
+        return self._metrics_delta.fields(reading)
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]:
+        if self.client is None:
+            raise EngineError(f"{self.name}: not loaded")
+        prompt = validate_prompt(prompt)
+        params = params.validate()
+        if not self._lock.acquire(blocking=False):
+            raise EngineError(f"{self.name} is busy with another request")
+        self._metrics_delta = MetricsDelta(self.read_metrics() or MetricsReading())
+        self.is_token_count_exact = True
+        stop_event, chunks = threading.Event(), queue.Queue()
+        self.recorder.start()
+        worker = threading.Thread(target=self._run_request, args=(prompt, params, chunks, stop_event),
+                                  name=f"{self.name}-http", daemon=True)
+        finish_reason = "cancelled"
+        try:
+            worker.start()
+            pending_tokens = 0
+            while True:
+                try:
+                    item = chunks.get(timeout=self.timeout_s + CONNECT_TIMEOUT_S + 5)
+                except queue.Empty:
+                    raise EngineError(f"{self.name}: no answer from {self.base_url} in {self.timeout_s:.0f} s") from None
+                if item is _DONE:
+                    break
+                if isinstance(item, EngineError):
+                    finish_reason = "error"
+                    raise item
+                if isinstance(item, _Finished):
+                    finish_reason = item.reason
+                    continue
+                text, num_tokens = item
+                pending_tokens += num_tokens
+                if text:
+                    yield StreamEvent(text, pending_tokens)
+                    pending_tokens = 0
+        finally:
+            stop_event.set()
+            worker.join(timeout=self.timeout_s + CONNECT_TIMEOUT_S)
+            self.recorder.finish(finish_reason)
+            self._lock.release()
+
+    def _request(self, prompt: str, params: GenerationParams):
+        common = {"model": self.served_model, "max_tokens": params.max_new_tokens, "stream": True,
+                  "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
+                  "stream_options": {"include_usage": True}}
+        if self.api == "chat":
+            return self.client.chat.completions.create(
+                messages=[{"role": "user", "content": prompt}], logprobs=True, **common)
+        return self.client.completions.create(prompt=prompt, logprobs=0, **common)
+
+    def _run_request(self, prompt, params, chunks: queue.Queue, stop_event: threading.Event) -> None:
+        num_tokens, finish_reason = 0, None
+        try:
+            with self._request(prompt, params) as response:
+                for chunk in response:
+                    if chunk.usage is not None:
+                        self._apply_usage(chunk.usage)
+                    if not chunk.choices:
+                        continue
+                    choice = chunk.choices[0]
+                    text, count = self._text_and_count(choice)
+                    if count:
+                        num_tokens += count
+                        self.recorder.on_tokens(count)
+                        chunks.put((text, count))
+                    finish_reason = choice.finish_reason or finish_reason
+                    if stop_event.is_set():
+                        return
+            if finish_reason is None:
+                raise EngineError(f"{self.name}: the server ended the stream after {num_tokens} tokens "
+                                  "without saying why (no finish_reason)")
+            chunks.put(_Finished({"stop": "eos"}.get(finish_reason, finish_reason)))
+        except Exception as error:
+            chunks.put(error if isinstance(error, EngineError) else
+                       EngineError(self._explain(error, f"streaming (after {num_tokens} tokens)")))
+        finally:
+            chunks.put(_DONE)
+
+    def _text_and_count(self, choice) -> tuple[str, int]:
+        if self.api == "chat":
+            text = (choice.delta.content or "") if choice.delta else ""
+            entries = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
+        else:
+            text = choice.text or ""
+            entries = choice.logprobs.tokens if choice.logprobs and choice.logprobs.tokens else None
+        if entries is not None:
+            return text, len(entries)
+        if text:
+            self.is_token_count_exact = False
+            return text, 1
+        return "", 0
+
+    def _apply_usage(self, usage) -> None:
+        fields = {"num_prompt_tokens": usage.prompt_tokens}
+        if usage.completion_tokens is not None:
+            fields["num_tokens"] = usage.completion_tokens
+            self.is_token_count_exact = True
+        self.recorder.update(**fields)
+
+    def _explain(self, error: BaseException, doing: str) -> str:
+        import httpx
+        import openai
+        where = f"{self.name}: {self.base_url}"
+        if isinstance(error, (openai.APITimeoutError, httpx.TimeoutException)):
+            return f"{where} did not answer within {self.timeout_s:.0f} s while {doing}"
+        if isinstance(error, openai.APIStatusError):
+            return f"{where} returned HTTP {error.status_code} while {doing}: {_first_line(error.message)}"
+        if isinstance(error, (openai.APIConnectionError, httpx.TransportError)):
+            cause = error.__cause__ or error
+            return f"{where} is unreachable or closed the connection while {doing}: {_first_line(str(cause))}"
+        return f"{where} failed while {doing}: {type(error).__name__}: {_first_line(str(error))}"
+
+    def stats(self) -> EngineStats:
+        if self.recorder is None:
+            return EngineStats(engine=self.name)
+        stats = self.recorder.snapshot()
+        return replace(stats, memory_gb=None, peak_memory_gb=None)
+
+    def unload(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "(no detail)"

@@ -51,7 +51,7 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
     EngineSpec("vllm-spec", "Speculative (vLLM)", "vLLM speculative decoding: n-gram, draft model or EAGLE",
                "engines.vllm_engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"}),
     EngineSpec("remote", "Remote (OpenAI API)", "any OpenAI-compatible server, with its /metrics scraped",
-               "engines.remote:RemoteEngine", ("httpx",)),
+               "engines.remote:RemoteEngine", ("httpx", "openai", "prometheus_client")),
 ]}
 
 
@@ -95,16 +95,40 @@ def unavailable_reason(spec: EngineSpec) -> str | None:
     return None
 
 
+def remote_specs() -> dict[str, EngineSpec]:
+    """`remote:<label>` variants, one per server in the remote config file (see engines/remote.py)."""
+    from engines.remote import read_remote_configs
+    remote = SPECS["remote"]
+    return {f"remote:{config.label}": EngineSpec(
+        f"remote:{config.label}", f"Remote: {config.label}",
+        f"{config.served_model or 'first served model'} at {config.url}", remote.target, remote.requires,
+        defaults=config.options()) for config in read_remote_configs()}
+
+
+def all_specs() -> dict[str, EngineSpec]:
+    """SPECS plus the configured remote servers; a broken remote config raises EngineError."""
+    return {**SPECS, **remote_specs()}
+
+
 def list_engines() -> list[dict]:
-    return [{"name": spec.name, "label": spec.label, "description": spec.description,
+    try:
+        specs, config_error = all_specs(), ""
+    except EngineError as error:
+        specs, config_error = SPECS, str(error)
+    rows = [{"name": spec.name, "label": spec.label, "description": spec.description,
              "is_available": unavailable_reason(spec) is None,
-             "reason": unavailable_reason(spec) or ""} for spec in SPECS.values()]
+             "reason": unavailable_reason(spec) or ""} for spec in specs.values()]
+    if config_error:
+        rows.append({"name": "remote:*", "label": "Remote servers (config file)", "description": "",
+                     "is_available": False, "reason": config_error})
+    return rows
 
 
 def get_spec(name: str) -> EngineSpec:
-    if name not in SPECS:
-        raise EngineError(f"unknown engine '{name}'. Known engines: {', '.join(SPECS)}")
-    return SPECS[name]
+    specs = all_specs() if name.startswith("remote:") else SPECS
+    if name not in specs:
+        raise EngineError(f"unknown engine '{name}'. Known engines: {', '.join(specs)}")
+    return specs[name]
 
 
 def create_engine(name: str, model: str | None = None, **options):

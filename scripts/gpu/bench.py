@@ -100,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
     engines = [name for name in (args.engines or (DUMMY_ENGINES if args.suite == "dummy" else EMBEDDED_ENGINES))
                .split(",") if name]
-    out = Path(args.out) / (f"dummy-{Path(args.dummy_config).stem}" if args.suite == "dummy" else "embedded")
+    out = Path(args.out) / (f"dummy-{Path(args.dummy_config).name.removesuffix('.json')}" if args.suite == "dummy" else "embedded")
     out.mkdir(parents=True, exist_ok=True)
     parts = [run_engine(name, args, out) for name in engines]
     template = next((part for part in parts if "config" in part), None)

@@ -1,0 +1,104 @@
+"""The benchmark tab: run engines.bench on the chosen engines and show its table, plots and files.
+
+The bench creates, measures and unloads its own engines one at a time in this process; the run streams
+its progress lines, then the markdown table, the four plotly charts and the written files. On a small
+GPU, unload the playground's engines first: their memory is not the bench's to free.
+"""
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from engines.bench import BenchConfig, run_bench
+from engines.bench_report import build_figures, to_markdown, write_outputs
+from engines.model_shape import available_configs
+from engines.protocol import EngineError
+from engines.registry import list_engines
+
+REAL_WEIGHTS = "the app's model (real weights)"
+POLL_S = 0.25
+
+
+def run_bench_events(engines, max_new_tokens, prompt_tokens, repeats, dummy_choice, is_quality,
+                     model: str | None = None, out_root: str | None = None):
+    """Generator for Gradio: yields (status, table, speed, memory, roofline, quality, files) as the run goes."""
+    empty = (None, None, None, None, None)
+    try:
+        config = BenchConfig(engines=list(engines or []), max_new_tokens=int(max_new_tokens or 0),
+                             prompt_tokens=int(prompt_tokens or 0), num_repeats=int(repeats or 0), model=model,
+                             dummy_config=None if dummy_choice in (None, "", REAL_WEIGHTS) else dummy_choice,
+                             is_quality=bool(is_quality))
+    except (TypeError, ValueError) as error:
+        yield (f"**Cannot run:** {error}", "", *empty)
+        return
+    messages: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["result"] = run_bench(config, progress=messages.put)
+            out_dir = Path(tempfile.mkdtemp(prefix="bench-", dir=out_root))
+            outcome["paths"] = write_outputs(outcome["result"], out_dir)
+        except EngineError as error:
+            outcome["error"] = str(error)
+        except Exception as error:  # shown in the tab, never a traceback
+            outcome["error"] = f"{type(error).__name__}: {error}"
+
+    worker = threading.Thread(target=work, name="bench-tab", daemon=True)
+    worker.start()
+    lines: list[str] = []
+    while worker.is_alive() or not messages.empty():
+        try:
+            lines.append(messages.get(timeout=POLL_S))
+        except queue.Empty:
+            continue
+        yield ("Running…\n\n" + "\n".join(f"- {line}" for line in lines[-8:]), "", *empty)
+    worker.join()
+    if "error" in outcome:
+        yield (f"**Bench failed:** {outcome['error']}", "", *empty)
+        return
+    result, paths = outcome["result"], outcome["paths"]
+    figures = build_figures(result)
+    num_ok = sum(row.status == "ok" for row in result.rows)
+    files = [str(paths[key]) for key in ("md", "csv", "json", "html")]
+    yield (f"Done: {num_ok} of {len(result.rows)} engines measured.", to_markdown(result),
+           figures["speed"], figures["memory"], figures["roofline"], figures["quality"], files)
+
+
+def build(config=None, concurrency_id: str = "engines") -> None:
+    """Create the tab's components inside the caller's Blocks/Tab context and wire the run. The run shares
+    the playground's engine queue slot, so it never overlaps a visitor's engines on the GPU."""
+    model = getattr(config, "model", None)
+    out_root = getattr(config, "export_dir", None)
+    rows = list_engines()
+    available = [row["name"] for row in rows if row["is_available"]]
+    with gr.Row():
+        engines = gr.CheckboxGroup([(row["name"] if row["is_available"] else f"{row['name']} (unavailable)", row["name"])
+                                    for row in rows], value=available[:1], label="Engines (run one after another)",
+                                   elem_id="bench-engines")
+    with gr.Row():
+        max_new_tokens = gr.Number(64, label="New tokens N", precision=0, elem_id="bench-max-new-tokens")
+        prompt_tokens = gr.Number(256, label="Prompt tokens P (encode memory)", precision=0, elem_id="bench-prompt-tokens")
+        repeats = gr.Number(1, label="Repeats (median)", precision=0, elem_id="bench-repeats")
+        dummy = gr.Dropdown([REAL_WEIGHTS] + available_configs(), value=REAL_WEIGHTS, label="Weights",
+                            info="or random weights of a real architecture shape", elem_id="bench-weights")
+        is_quality = gr.Checkbox(True, label="Quality against bf16", elem_id="bench-quality")
+    button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run")
+    status = gr.Markdown(elem_id="bench-status")
+    table = gr.Markdown(elem_id="bench-table")
+    with gr.Row():
+        speed, memory = gr.Plot(label="Speed"), gr.Plot(label="Memory")
+    with gr.Row():
+        roofline, quality = gr.Plot(label="Roofline"), gr.Plot(label="Quality")
+    files = gr.File(label="Results", file_count="multiple", elem_id="bench-files")
+
+    def run(engine_names, new_tokens, prompt_length, num_repeats, weights, with_quality):
+        yield from run_bench_events(engine_names, new_tokens, prompt_length, num_repeats, weights, with_quality,
+                                    model=model, out_root=out_root)
+
+    button.click(run, [engines, max_new_tokens, prompt_tokens, repeats, dummy, is_quality],
+                 [status, table, speed, memory, roofline, quality, files], concurrency_id=concurrency_id)

@@ -1,0 +1,79 @@
+"""Export of a finished run: JSON (everything, with the time series), CSV (one row per engine) and
+the charts as PNG images (plotly + kaleido, which drives a Chrome/Chromium).
+
+kaleido 1.x finds the browser through BROWSER_PATH; Debian's chromium is offered when it is set up.
+When no image can be rendered the charts are written as standalone HTML instead, and the returned
+note says so.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from app.charts import run_figures
+from app.streaming import RunRecord
+
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+QUALITY_FIELDS = ("greedy_agreement", "perplexity", "perplexity_ratio", "weight_footprint_gb", "is_suspect")
+STATS_FIELDS = ("num_tokens", "num_prompt_tokens", "ttft_s", "decode_tok_s", "itl_ms_p50", "itl_ms_p95",
+                "total_s", "memory_gb", "peak_memory_gb", "memory_kind", "kv_blocks_total", "kv_peak_used_frac",
+                "acceptance_rate", "mean_accepted_len", "finish_reason")
+
+
+def summary_rows(record: RunRecord) -> list[dict]:
+    """One flat row per pane: its stats (None where not measured) and quality where computed."""
+    rows = []
+    for pane in record.panes:
+        stats = pane.stats.to_dict() if pane.stats else {}
+        quality = pane.quality or {}
+        row = {"engine": pane.key, "label": pane.label, "status": pane.status, "error": pane.message
+               if pane.status == "error" else ""}
+        row.update({name: stats.get(name) for name in STATS_FIELDS})
+        row["num_tokens"] = row["num_tokens"] or 0
+        row["memory_kind"] = row["memory_kind"] or ""
+        row.update({name: quality.get(name) for name in QUALITY_FIELDS})
+        rows.append(row)
+    return rows
+
+
+def run_json(record: RunRecord) -> dict:
+    return {"model": record.model, "prompt": record.prompt, "params": asdict(record.params), "mode": record.mode,
+            "started_at": record.started_at,
+            "engines": [{"key": pane.key, "label": pane.label, "status": pane.status, "message": pane.message,
+                         "text": pane.text, "quality": pane.quality,
+                         "stats": pane.stats.to_dict(with_samples=True) if pane.stats else None}
+                        for pane in record.panes]}
+
+
+def write_images(figures: dict, out_dir: Path) -> tuple[list[Path], str]:
+    """PNG per chart through kaleido; standalone HTML per chart when that fails, with the reason."""
+    if not os.environ.get("BROWSER_PATH") and shutil.which("chromium") is None and os.path.exists(DEBIAN_CHROMIUM):
+        os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
+    import plotly.io as pio
+    png_paths = [out_dir / f"chart_{name}.png" for name in figures]
+    try:
+        pio.write_images(list(figures.values()), png_paths, width=900, height=360, scale=1)
+        return png_paths, ""
+    except Exception as error:
+        html_paths = [out_dir / f"chart_{name}.html" for name in figures]
+        for figure, path in zip(figures.values(), html_paths):
+            figure.write_html(path, include_plotlyjs="cdn")
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return html_paths, f"charts saved as HTML: PNG rendering failed ({first_line})"
+
+
+def write_run_files(record: RunRecord, out_dir: Path) -> tuple[list[Path], str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / "run.json", out_dir / "run.csv"
+    json_path.write_text(json.dumps(run_json(record), indent=2))
+    rows = summary_rows(record)
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    image_paths, note = write_images(run_figures(record.panes), out_dir)
+    return [json_path, csv_path, *image_paths], note

@@ -1,0 +1,61 @@
+"""The KV-cache calculator tab: bytes per token and per context for a model shape (MHA against its own
+GQA/MQA layout, BF16 against FP8), tokens that fit in a memory, and a chart of KV size over context.
+The arithmetic is engines/kv_calc.py; this module is layout, one callback and one chart."""
+from __future__ import annotations
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from engines.kv_calc import GIB, KV_DTYPE_BYTES, calculate, kv_bytes, to_markdown
+from engines.model_shape import available_configs, load_shape
+from engines.models import default_model_name
+from engines.protocol import EngineError
+
+NUM_CHART_POINTS = 64
+
+
+def calculate_kv(config_name: str, vram_gb, context_tokens) -> tuple[str, go.Figure | None]:
+    """Markdown report and chart, or a readable error in place of the report."""
+    try:
+        vram_gb, context_tokens = float(vram_gb or 0), int(context_tokens or 0)
+        if vram_gb <= 0 or context_tokens <= 0:
+            raise EngineError("memory (GiB) and context (tokens) must both be positive")
+        shape = load_shape(config_name)
+        report = calculate(shape, vram_gb=vram_gb, context_tokens=context_tokens)
+    except (EngineError, ValueError, TypeError) as error:
+        return f"**Cannot calculate:** {error}", None
+    return to_markdown(report), kv_chart(shape, context_tokens)
+
+
+def kv_chart(shape, context_tokens: int) -> go.Figure:
+    contexts = sorted({max(1, round(context_tokens * index / NUM_CHART_POINTS)) for index in range(NUM_CHART_POINTS + 1)})
+    layouts = [("MHA", shape.num_attention_heads)]
+    if shape.num_kv_heads != shape.num_attention_heads:
+        layouts.append((shape.attention_layout, shape.num_kv_heads))
+    figure = go.Figure()
+    for layout, num_kv_heads in layouts:
+        for dtype, dtype_bytes in KV_DTYPE_BYTES.items():
+            figure.add_scatter(x=contexts, y=[kv_bytes(shape, tokens, dtype_bytes, num_kv_heads) / GIB for tokens in contexts],
+                               name=f"{layout} ({num_kv_heads} KV heads), {dtype}", mode="lines")
+    figure.update_layout(title=f"KV cache of one sequence: {shape.name}", xaxis_title="context (tokens)",
+                         yaxis_title="GiB", height=380, margin={"t": 50, "b": 40})
+    return figure
+
+
+def build(config=None) -> None:
+    """Create the tab's components inside the caller's Blocks/Tab context and wire the callback."""
+    model_name = getattr(config, "model", None) or default_model_name()
+    choices = available_configs() + [model_name]
+    with gr.Row():
+        config_name = gr.Dropdown(choices, value="llama-3-8b" if "llama-3-8b" in choices else choices[0],
+                                  allow_custom_value=True, label="Model config",
+                                  info="a shipped shape, the app's model, or a path to a config.json",
+                                  elem_id="kv-config")
+        vram_gb = gr.Number(80, label="Memory for KV (GiB)", elem_id="kv-vram-gb")
+        context_tokens = gr.Number(8192, label="Context (tokens)", precision=0, elem_id="kv-context")
+        button = gr.Button("Calculate", variant="primary", scale=0, elem_id="kv-calculate")
+    report = gr.Markdown(elem_id="kv-report")
+    chart = gr.Plot(label="KV size over context", elem_id="kv-chart")
+    inputs, outputs = [config_name, vram_gb, context_tokens], [report, chart]
+    button.click(calculate_kv, inputs, outputs)
+    config_name.change(calculate_kv, inputs, outputs)

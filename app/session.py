@@ -1,0 +1,125 @@
+"""The engine handles the playground holds: one pool per app, created in main(), never at import.
+
+Engines are heavy (a model each) and one GPU is shared by every visitor, so loaded engines belong to
+the app, not to a browser session; Gradio's queue lets one engine event run at a time. A browser
+session owns only its stop flag (RunControls), so Stop or a closed tab ends that session's run.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engines.protocol import Engine, EngineError, ProgressCallback
+from engines.registry import create_engine, list_engines
+
+
+@dataclass(frozen=True)
+class PaneChoice:
+    """One entry of the engine picker: a registry engine, optionally with engine options."""
+    key: str
+    engine: str
+    label: str
+    options: dict = field(default_factory=dict)
+    is_available: bool = True
+    reason: str = ""
+
+
+# A second transformers configuration of the baseline, so two panes can compare attention kernels.
+EXTRA_CHOICES = (("bf16-eager", "bf16", "BF16, eager attention", {"attn_implementation": "eager"}),)
+
+
+def build_choices() -> list[PaneChoice]:
+    """Every registry engine (available or not, with its reason), then the extra configurations."""
+    engines = list_engines()
+    choices = [PaneChoice(row["name"], row["name"], row["label"], {}, row["is_available"], row["reason"])
+               for row in engines]
+    by_name = {row["name"]: row for row in engines}
+    for key, engine, label, options in EXTRA_CHOICES:
+        base = by_name[engine]
+        choices.append(PaneChoice(key, engine, label, options, base["is_available"], base["reason"]))
+    return choices
+
+
+class EnginePool:
+    """Loaded engines by pane key. Thread-safe: panes load and stream from worker threads."""
+
+    def __init__(self, model: str | None, choices: list[PaneChoice],
+                 engine_factory: Callable[..., Engine] = create_engine):
+        self.model = model
+        self.choices = {choice.key: choice for choice in choices}
+        self._engine_factory = engine_factory
+        self._engines: dict[str, Engine] = {}
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+
+    def choice(self, key: str) -> PaneChoice:
+        if key not in self.choices:
+            raise EngineError(f"unknown engine '{key}'. Known engines: {', '.join(self.choices)}")
+        return self.choices[key]
+
+    def adopt(self, key: str, engine: Engine) -> None:
+        """Hand the pool an engine that is already loaded (the tests share one across files)."""
+        with self._lock:
+            self._engines[key] = engine
+            self._loaded.add(key)
+
+    def engine(self, key: str) -> Engine:
+        choice = self.choice(key)
+        if not choice.is_available:
+            raise EngineError(f"{key} is unavailable here: {choice.reason}")
+        with self._lock:
+            if key not in self._engines:
+                self._engines[key] = self._engine_factory(choice.engine, model=self.model, **choice.options)
+            return self._engines[key]
+
+    def is_loaded(self, key: str) -> bool:
+        with self._lock:
+            return key in self._loaded
+
+    def load(self, key: str, progress: ProgressCallback | None = None) -> Engine:
+        engine = self.engine(key)
+        engine.load(progress)
+        with self._lock:
+            self._loaded.add(key)
+        return engine
+
+    def loaded_keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded)
+
+    def unload_all(self) -> list[str]:
+        """Unload every engine and forget it, so the next run loads afresh (a reload)."""
+        with self._lock:
+            engines, self._engines = self._engines, {}
+            unloaded, self._loaded = sorted(self._loaded), set()
+        for engine in engines.values():
+            engine.unload()
+        return unloaded
+
+
+class RunControls:
+    """Stop flags by browser session, so Stop or a closed tab reaches that session's workers."""
+
+    def __init__(self):
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[session] = event
+        return event
+
+    def stop(self, session: str) -> bool:
+        with self._lock:
+            event = self._events.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def finish(self, session: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(session) is event:
+                del self._events[session]

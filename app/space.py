@@ -1,0 +1,27 @@
+"""Hugging Face Spaces entry point (the README front matter's app_file).
+
+Spaces runs `python app/space.py` from the repository root, so the root is put on sys.path first;
+the page then binds to 0.0.0.0 on the port Spaces gives (7860), because Spaces proxies to it. On a
+ZeroGPU Space the generation events run under spaces.GPU (app/hosting.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.__main__ import DEFAULT_PORT, create  # noqa: E402
+from app.callbacks import AppConfig  # noqa: E402
+
+
+def main() -> None:
+    config = AppConfig(model=os.environ.get("PLAYGROUND_MODEL"), host="0.0.0.0",
+                       port=int(os.environ.get("PORT", DEFAULT_PORT)))
+    demo, options = create(config)
+    demo.launch(**options)
+
+
+if __name__ == "__main__":
+    main()

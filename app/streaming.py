@@ -1,0 +1,147 @@
+"""Runs one request through several engines and merges their streams for the UI.
+
+Each engine runs in its own worker thread (parallel mode) or all run one after another in a single
+worker (fair mode, for clean timings). Workers push messages onto one queue, so no pane waits on
+another; the consumer applies them to a RunRecord and hands it out at most `refresh_hz` times a
+second. Token times are stamped in the engines' own threads, so the consumer's pace never shifts
+them. Errors stay in their pane. Setting the stop event, or closing the iterator, closes every
+engine generator, which is how the engines cancel.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterator
+
+from app.session import EnginePool
+from engines.protocol import EngineError, EngineStats, GenerationParams
+
+PARALLEL, FAIR = "parallel", "fair"
+MODES = (PARALLEL, FAIR)
+WORKER_JOIN_S = 30.0
+
+
+@dataclass
+class PaneResult:
+    """One pane's state; status is waiting, loading, ready, running, done, stopped or error."""
+    key: str
+    label: str
+    status: str = "waiting"
+    text: str = ""
+    message: str = ""
+    stats: EngineStats | None = None
+    quality: dict | None = None
+
+
+@dataclass
+class RunRecord:
+    """Everything one run produced: what was asked and each pane's text, stats and quality."""
+    model: str
+    prompt: str | None
+    params: GenerationParams
+    mode: str
+    panes: list[PaneResult]
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    is_finished: bool = False
+
+    @property
+    def is_load_only(self) -> bool:
+        return self.prompt is None
+
+
+class StreamMerger:
+    """One request, many engines. Iterate `updates()`; each item is the same, updated RunRecord."""
+
+    def __init__(self, pool: EnginePool, record: RunRecord, stop_event: threading.Event,
+                 refresh_hz: float = 5.0):
+        self.pool = pool
+        self.record = record
+        self.stop_event = stop_event
+        self.refresh_s = 1.0 / refresh_hz
+        self._messages: queue.Queue = queue.Queue()
+        self._panes = {pane.key: pane for pane in record.panes}
+
+    def updates(self) -> Iterator[RunRecord]:
+        keys = list(self._panes)
+        groups = [keys] if self.record.mode == FAIR else [[key] for key in keys]
+        workers = [threading.Thread(target=self._work, args=(group,), name=f"pane-{'+'.join(group)}", daemon=True)
+                   for group in groups]
+        for worker in workers:
+            worker.start()
+        next_refresh = time.perf_counter()
+        try:
+            while any(worker.is_alive() for worker in workers) or not self._messages.empty():
+                self._drain(timeout=max(0.0, next_refresh - time.perf_counter()))
+                if time.perf_counter() >= next_refresh:
+                    self._refresh_live_stats()
+                    yield self.record
+                    next_refresh = time.perf_counter() + self.refresh_s
+            self._drain(timeout=0.0)
+            self.record.is_finished = True
+            yield self.record
+        finally:
+            self.stop_event.set()
+            for worker in workers:
+                worker.join(timeout=WORKER_JOIN_S)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            message = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*message)
+            try:
+                message = self._messages.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, key: str, payload) -> None:
+        pane = self._panes[key]
+        if kind == "text":
+            pane.text += payload
+        elif kind == "stats":
+            pane.stats = payload
+        else:
+            pane.status, pane.message = kind, payload
+
+    def _refresh_live_stats(self) -> None:
+        for pane in self._panes.values():
+            if pane.status == "running":
+                pane.stats = self.pool.engine(pane.key).stats()
+
+    def _work(self, keys: list[str]) -> None:
+        for key in keys:
+            if self.stop_event.is_set():
+                self._messages.put(("stopped", key, "stopped before it started"))
+                continue
+            try:
+                self._run_pane(key)
+            except EngineError as error:
+                self._messages.put(("error", key, str(error)))
+            except Exception as error:  # a pane shows any failure as text; the other panes go on
+                self._messages.put(("error", key, f"{type(error).__name__}: {error}"))
+
+    def _run_pane(self, key: str) -> None:
+        put = self._messages.put
+        if not self.pool.is_loaded(key):
+            put(("loading", key, "loading…"))
+            self.pool.load(key, progress=lambda message: put(("loading", key, message)))
+        if self.record.is_load_only or self.stop_event.is_set():
+            put(("ready" if self.record.is_load_only else "stopped", key, "loaded"))
+            return
+        engine = self.pool.engine(key)
+        put(("running", key, ""))
+        stream = engine.stream(self.record.prompt, self.record.params)
+        try:
+            for event in stream:
+                put(("text", key, event.text))
+                if self.stop_event.is_set():
+                    break
+        finally:
+            stream.close()
+            put(("stats", key, engine.stats()))
+        put(("stopped", key, "stopped by the user") if self.stop_event.is_set() else ("done", key, ""))

@@ -1,0 +1,233 @@
+"""The playground's callbacks, driven as Gradio drives them, with real engines on the embedded model:
+bf16 (the shared session engine) and spec (prompt lookup), streaming side by side into their panes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+import types
+
+import plotly.graph_objects as go
+import pytest
+
+from app import hosting
+from app.callbacks import AppConfig, Playground
+from app.export import summary_rows
+from app.session import EnginePool, PaneChoice, build_choices
+from app.text import unavailable_html
+from engines.protocol import EngineError
+from engines.registry import SPECS, create_engine
+
+PROMPT = "The capital of France is"
+# A variant that cannot load on a CPU: its real load() raises, so its pane must show the reason.
+BROKEN = PaneChoice("bf16-flash", "bf16", "BF16, flash attention", {"attn_implementation": "flash_attention_2"})
+NUM_OUTPUTS_PER_PANE = 3
+
+
+@pytest.fixture(scope="module")
+def spec_engine():
+    engine = create_engine("spec")
+    engine.load()
+    yield engine
+    engine.unload()
+
+
+@pytest.fixture
+def playground(bf16_engine, spec_engine):
+    pool = EnginePool(None, build_choices() + [BROKEN])
+    pool.adopt("bf16", bf16_engine)
+    pool.adopt("spec", spec_engine)
+    return Playground(AppConfig(refresh_hz=5.0, chart_interval_s=0.5), pool)
+
+
+def run_to_end(playground, keys, prompt=PROMPT, max_new_tokens=12, mode="parallel", temperature=0.0):
+    """Consume the run generator as Gradio does; return every yielded tuple and the wall time."""
+    start = time.perf_counter()
+    outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, mode, keys))
+    return outputs, time.perf_counter() - start
+
+
+def panes_of(playground, output):
+    """(title, text, metrics html) of each pane in one yielded tuple."""
+    num_panes = playground.config.max_panes
+    titles, texts, metrics = (output[3 + i * num_panes: 3 + (i + 1) * num_panes] for i in range(NUM_OUTPUTS_PER_PANE))
+    return list(zip(titles, texts, metrics))
+
+
+def test_picker_lists_every_registry_engine_and_greys_out_the_unavailable():
+    choices = build_choices()
+    assert {choice.key for choice in choices} >= set(SPECS)
+    unavailable = [choice for choice in choices if not choice.is_available]
+    listing = unavailable_html(choices)
+    for choice in unavailable:
+        assert f'data-engine="{choice.key}"' in listing and choice.reason
+    for choice in choices:
+        if choice.is_available:
+            assert f'data-engine="{choice.key}"' not in listing
+
+
+def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16_engine):
+    outputs, _ = run_to_end(playground, ["bf16", "spec"])
+    final = outputs[-1]
+    record = final[1]
+    assert record.is_finished and [pane.status for pane in record.panes] == ["done", "done"]
+    bf16_pane, spec_pane = record.panes
+    # Speculative decoding is lossless under greedy decoding: the two panes carry the same text.
+    assert bf16_pane.text.strip() and bf16_pane.text == spec_pane.text
+    assert bf16_pane.stats.num_tokens == len(bf16_engine.last_token_ids) <= 12
+    for pane in record.panes:
+        assert pane.stats.decode_tok_s > 0 and pane.stats.ttft_s > 0
+    assert spec_pane.stats.acceptance_rate is not None
+    (_, bf16_text, bf16_metrics), (_, spec_text, spec_metrics) = panes_of(playground, final)[:2]
+    assert bf16_text == bf16_pane.text and spec_text == spec_pane.text
+    assert 'data-metric="decode_tok_s">n/a' not in bf16_metrics and 'data-metric="acceptance_rate"' in spec_metrics
+    assert 'data-metric="acceptance_rate"' not in bf16_metrics
+    # Parallel: at some update both engines were streaming at once, and text grew over several updates.
+    assert any(all("streaming" in title for title, _, _ in panes_of(playground, output)[:2]) for output in outputs)
+    assert len({panes_of(playground, output)[0][1] for output in outputs}) > 2
+    tokens_chart, memory_chart, kv_chart = final[3 + 3 * playground.config.max_panes:][:3]
+    assert isinstance(tokens_chart, go.Figure) and len(tokens_chart.data) == 2
+    assert {trace.name for trace in memory_chart.data} == {"now", "peak"} and len(memory_chart.data[0].x) == 2
+    assert not kv_chart.data  # no paged engine in this run; the chart says so instead of drawing zeros
+    summary = final[-1]
+    assert [row[0] for row in summary] == ["bf16", "spec"] and summary[0][-1] == "n/a"
+
+
+def test_fair_mode_runs_one_engine_at_a_time(playground):
+    outputs, _ = run_to_end(playground, ["bf16", "spec"], mode="fair", max_new_tokens=8)
+    assert [pane.status for pane in outputs[-1][1].panes] == ["done", "done"]
+    for output in outputs:
+        titles = [title for title, _, _ in panes_of(playground, output)[:2]]
+        assert sum("streaming" in title for title in titles) <= 1, titles
+    bf16_stats, spec_stats = (pane.stats for pane in outputs[-1][1].panes)
+    assert bf16_stats.decode_tok_s > 0 and spec_stats.decode_tok_s > 0
+
+
+def test_updates_are_throttled_to_the_refresh_rate(playground):
+    outputs, wall_s = run_to_end(playground, ["bf16"], max_new_tokens=16)
+    num_tokens = outputs[-1][1].panes[0].stats.num_tokens
+    assert len(outputs) <= wall_s * playground.config.refresh_hz + 3, (len(outputs), wall_s)
+    assert num_tokens == 16 or outputs[-1][1].panes[0].stats.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("prompt, max_new_tokens, temperature, keys, expected", [
+    ("   ", 8, 0.0, ["bf16"], "prompt is empty"),
+    (PROMPT, 0, 0.0, ["bf16"], "max_new_tokens must be between 1"),
+    (PROMPT, 2.5, 0.0, ["bf16"], "max new tokens must be a whole number"),
+    (PROMPT, None, 0.0, ["bf16"], "max new tokens is empty"),
+    (PROMPT, 8, float("nan"), ["bf16"], "temperature must be between 0"),
+    (PROMPT, 8, -1.0, ["bf16"], "temperature must be between 0"),
+    (PROMPT, 8, 0.0, [], "pick at least one engine"),
+    (PROMPT, 8, 0.0, ["no-such-engine"], "unknown engine 'no-such-engine'"),
+])
+def test_bad_input_is_one_status_line_and_runs_nothing(playground, bf16_engine, prompt, max_new_tokens,
+                                                       temperature, keys, expected):
+    tokens_before = list(bf16_engine.last_token_ids)
+    outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, "parallel", keys))
+    assert len(outputs) == 1 and expected in outputs[0][0]
+    assert bf16_engine.last_token_ids == tokens_before
+
+
+def test_an_engine_that_cannot_load_fails_in_its_own_pane_only(playground):
+    outputs, _ = run_to_end(playground, ["bf16", BROKEN.key], max_new_tokens=6)
+    good, broken = outputs[-1][1].panes
+    assert good.status == "done" and good.text.strip()
+    assert broken.status == "error" and "flash_attention_2" in broken.message and not broken.text
+    assert "pane-error" in panes_of(playground, outputs[-1])[1][2]
+    assert "Traceback" not in broken.message
+
+
+def test_stop_cancels_every_engine_promptly(playground, bf16_engine, spec_engine):
+    run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16", "spec"])
+    for output in run:
+        if all(pane.text for pane in output[1].panes):
+            break
+    stop_pressed = time.perf_counter()
+    assert playground.stop() == "Stopping every engine…"
+    final = list(run)[-1]
+    stop_s = time.perf_counter() - stop_pressed
+    for pane in final[1].panes:
+        assert pane.status == "stopped" and 0 < pane.stats.num_tokens < 400
+    assert stop_s < 10, stop_s
+    # The engines are free again: a new request is not refused as "busy".
+    outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=4)
+    assert [pane.status for pane in outputs[-1][1].panes] == ["done", "done"]
+
+
+def test_closing_the_run_like_gradio_cancels_stops_the_engines(playground):
+    run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"])
+    record = None
+    for output in run:
+        record = output[1]
+        if record.panes[0].text:
+            break
+    run.close()  # what Gradio does to the event's iterator when Stop's `cancels=` fires
+    after = playground.after_stop(record)
+    pane = after[1].panes[0]
+    assert pane.status == "stopped" and pane.stats.num_tokens < 400
+    assert "stopped" in after[0]
+    outputs, _ = run_to_end(playground, ["bf16"], max_new_tokens=3)
+    assert outputs[-1][1].panes[0].status == "done"
+
+
+def test_export_writes_json_csv_and_chart_images(playground, tmp_path):
+    outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=6)
+    record = outputs[-1][1]
+    playground.config = AppConfig(export_dir=str(tmp_path))
+    paths, note = playground.export(record)
+    by_name = {path.rsplit("/", 1)[-1]: path for path in paths}
+    data = json.loads(open(by_name["run.json"]).read())
+    assert [engine["text"] for engine in data["engines"]] == [pane.text for pane in record.panes]
+    assert data["engines"][0]["stats"]["samples"] and data["params"]["max_new_tokens"] == 6
+    rows = list(csv.DictReader(open(by_name["run.csv"])))
+    assert [row["engine"] for row in rows] == ["bf16", "spec"] and float(rows[0]["decode_tok_s"]) > 0
+    images = [name for name in by_name if name.startswith("chart_")]
+    assert len(images) == 3
+    if any(name.endswith(".html") for name in images):  # kaleido found no browser: the page says so
+        assert "PNG rendering failed" in note
+    else:
+        for name in images:
+            assert open(by_name[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_is_shown_against_bf16_or_says_na(playground):
+    outputs, _ = run_to_end(playground, ["bf16"], max_new_tokens=4)
+    record, summary, note = playground.quality(outputs[-1][1], True)
+    rows = summary_rows(record)
+    try:
+        import engines.quality  # noqa: F401
+    except ImportError:
+        assert "n/a" in note and summary[0][-3:] == ["n/a", "n/a", "n/a"]
+        return
+    # bf16 judged against its own reference agrees with itself on every token.
+    assert rows[0]["greedy_agreement"] == pytest.approx(1.0) and rows[0]["perplexity"] > 1
+    assert rows[0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_zero_gpu_wraps_the_generation_events_only_on_zero_gpu(monkeypatch):
+    def event(prompt):
+        yield prompt
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert hosting.on_zero_gpu(event) is event
+    # ZeroGPU infrastructure cannot exist here, so `spaces` is a stand-in that records the wrapping.
+    wrapped = []
+    fake_spaces = types.ModuleType("spaces")
+    fake_spaces.__spec__ = types.SimpleNamespace(name="spaces")
+    fake_spaces.GPU = lambda duration: (lambda function: wrapped.append((function, duration)) or function)
+    monkeypatch.setitem(sys.modules, "spaces", fake_spaces)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert hosting.on_zero_gpu(event) is event and wrapped == [(event, hosting.ZERO_GPU_DURATION_S)]
+
+
+def test_unload_returns_the_engines_and_forgets_them():
+    # Its own pool and engine: unloading the shared session engines would starve other test files.
+    pool = EnginePool(None, build_choices())
+    pool.adopt("bf16-eager", create_engine("bf16", attn_implementation="eager"))
+    playground = Playground(AppConfig(), pool)
+    status, loaded = playground.unload()
+    assert "bf16-eager" in status and "none" in loaded and pool.loaded_keys() == []
+    assert playground.unload()[0] == "No engine was loaded."
+    with pytest.raises(EngineError, match="unknown engine"):
+        pool.choice("nope")

@@ -113,3 +113,19 @@ def test_bench_bad_input_is_a_clear_message(arguments, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "engines", "bench", *arguments, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_bench_tab_streams_progress_then_shows_table_plots_and_files(tmp_path):
+    import gradio as gr
+    from app import bench_tab
+    updates = list(bench_tab.run_bench_events(["bf16"], 4, 32, 1, bench_tab.REAL_WEIGHTS, False,
+                                              out_root=str(tmp_path)))
+    assert len(updates) >= 2 and updates[0][0].startswith("Running")
+    status, table, speed, memory, roofline, quality, files = updates[-1]
+    assert status == "Done: 1 of 1 engines measured." and "| bf16 | ok |" in table
+    assert speed.data[0].y[0] > 0 and memory.data[0].y[0] > 0
+    assert sorted(Path(path).name for path in files) == ["plots.html", "results.csv", "results.json", "results.md"]
+    (failed,) = list(bench_tab.run_bench_events([], 4, 32, 1, bench_tab.REAL_WEIGHTS, False, out_root=str(tmp_path)))[-1:]
+    assert failed[0] == "**Bench failed:** name at least one engine (see `python -m engines list`)"
+    with gr.Blocks():
+        bench_tab.build()

@@ -88,3 +88,17 @@ def test_kv_command_prints_the_table_and_rejects_bad_numbers():
     bad = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gb", "-1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--vram-gb must be positive" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_kv_tab_reports_and_charts_and_explains_bad_input():
+    import gradio as gr
+    from app import kv_tab
+    report, chart = kv_tab.calculate_kv("llama-2-7b", 80, 4096)
+    assert "| MHA | 32 | BF16 | 512.0 KiB |" in report
+    assert len(chart.data) == 2 and max(chart.data[0].y) == pytest.approx(2.0)   # 4096 tokens * 512 KiB
+    message, chart = kv_tab.calculate_kv("llama-2-7b", 0, 4096)
+    assert message.startswith("**Cannot calculate:**") and chart is None
+    message, _ = kv_tab.calculate_kv("no-such-config", 80, 4096)
+    assert "not found" in message
+    with gr.Blocks():
+        kv_tab.build()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app import text
+from app import bench_tab, kv_tab, text
 from app.callbacks import Playground
 from app.hosting import on_zero_gpu
 from app.streaming import MODES, PARALLEL
@@ -34,6 +34,8 @@ def build_app(playground: Playground) -> gr.Blocks:
             with gr.Tab("Playground", id="playground"):
                 _build_playground(demo, playground)
             # Further tabs go here, one line each, e.g. `with gr.Tab("Bench"): bench_tab.build(config)`.
+            with gr.Tab("Benchmark", id="bench"): bench_tab.build(config, concurrency_id=ENGINE_QUEUE)
+            with gr.Tab("KV calculator", id="kv"): kv_tab.build(config)
         demo.unload(playground.on_tab_closed)
     demo.queue(default_concurrency_limit=1, max_size=config.max_queue)
     return demo

@@ -102,3 +102,32 @@ def test_kv_tab_reports_and_charts_and_explains_bad_input():
     assert "not found" in message
     with gr.Blocks():
         kv_tab.build()
+
+
+def test_kv_tab_in_a_real_browser():
+    import gradio as gr
+    from playwright.sync_api import sync_playwright
+    from app import kv_tab
+    with gr.Blocks() as demo:
+        kv_tab.build()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(demo.local_url)
+            config_box = page.locator("#kv-config input")
+            config_box.fill("llama-2-7b")
+            config_box.press("Enter")
+            page.locator("#kv-context input").fill("4096")
+            page.locator("#kv-calculate").click()
+            page.wait_for_selector("#kv-report table", timeout=30_000)
+            report = page.locator("#kv-report").inner_text()
+            assert "512.0 KiB" in report and "2.0 GiB" in report
+            page.locator("#kv-vram-gb input").fill("-5")
+            page.locator("#kv-calculate").click()
+            page.wait_for_function("document.querySelector('#kv-report').innerText.includes('Cannot calculate')",
+                                   timeout=30_000)
+            browser.close()
+    finally:
+        demo.close()

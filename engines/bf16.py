@@ -204,6 +204,33 @@ class TransformersEngine:
         finally:
             streamer.end()
 
+    def perplexity(self, text: str) -> float:
+        """exp(mean next-token loss) of `text` under the loaded weights, with BOS first as Gemma needs."""
+        if self.model is None:
+            raise EngineError(f"{self.name}: not loaded")
+        input_ids, _ = self.encode(text)
+        if input_ids.shape[1] < 2:
+            raise EngineError("perplexity needs a text of at least one token")
+        if input_ids[0, 0].item() != self.tokenizer.bos_token_id:
+            raise EngineError(f"{self.name}: the tokenizer did not add BOS; perplexity without it is meaningless")
+        if input_ids.shape[1] > self.max_context_tokens:
+            raise EngineError(f"the text is {input_ids.shape[1]} tokens; {self.name} accepts {self.max_context_tokens}")
+        if not self._lock.acquire(blocking=False):
+            raise EngineError(f"{self.name} is busy with another request")
+        try:
+            import torch
+            with torch.inference_mode():
+                loss = self.model(input_ids=input_ids, labels=input_ids).loss
+            return float(torch.exp(loss.float()).item())
+        finally:
+            self._lock.release()
+
+    def weight_footprint_gb(self) -> float:
+        """Bytes held by parameters and buffers (packed quantized weights included), in GiB."""
+        if self.model is None:
+            raise EngineError(f"{self.name}: not loaded")
+        return self.model.get_memory_footprint() / 1024 ** 3
+
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
 

@@ -36,3 +36,19 @@ def bf16_engine():
 def artifacts_dir():
     os.makedirs(ARTIFACTS, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def quality_reference(bf16_engine):
+    """bf16's greedy ids and perplexity (engines.quality), from the disk cache after the first run."""
+    from engines.quality import build_reference
+    return build_reference(bf16_engine, num_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def gptq_engine():
+    """The embedded model in INT4 GPTQ: quantized once per machine (~2 min on 2 cores), then cached."""
+    engine = create_engine("gptq-int4")
+    engine.load()
+    yield engine
+    engine.unload()

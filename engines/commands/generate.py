@@ -14,6 +14,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, tokens, ttft_s, decode_tok_s, itl_ms, memory)")
+    parser.add_argument("--quality", action="store_true",
+                        help="also measure greedy agreement with bf16, perplexity and weight footprint "
+                             "(builds the bf16 reference once per model, cached on disk)")
+    parser.add_argument("--quality-tokens", type=int, default=32,
+                        help="greedy tokens per quality prompt compared with bf16 (default 32)")
     add_model_arguments(parser)
     add_generation_arguments(parser)
 
@@ -30,11 +35,20 @@ def run(args) -> int:
     stats = engine.stats()
     result = {"engine": args.engine, "model": engine.source.name if getattr(engine, "source", None) else args.model,
               "text": "".join(pieces), **stats.to_dict()}
+    if getattr(engine, "kernel_name", None):
+        result["kernel_name"] = engine.kernel_name
+    if args.quality:
+        from engines.quality import evaluate_quality, reference_for
+        reference = reference_for(args.model, args.quality_tokens, progress_to_stderr)
+        progress_to_stderr(f"quality: comparing {args.engine} with bf16 on {len(reference.prompts)} prompts")
+        result["quality"] = evaluate_quality(engine, reference).to_dict()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print()
         print(_format_stats(result), file=sys.stderr)
+        if "quality" in result:
+            print(_format_quality(result["quality"]), file=sys.stderr)
     return 0
 
 
@@ -45,3 +59,12 @@ def _format_stats(result: dict) -> str:
             f"TTFT {fmt(result['ttft_s'], ' s')}, decode {fmt(result['decode_tok_s'], ' tok/s')}, "
             f"ITL p50/p95 {fmt(result['itl_ms_p50'])}/{fmt(result['itl_ms_p95'])} ms, "
             f"peak memory {fmt(result['peak_memory_gb'], ' GB')} ({result['memory_kind']})")
+
+
+def _format_quality(quality: dict) -> str:
+    def fmt(value, pattern):
+        return "n/a" if value is None else format(value, pattern)
+    return (f"--- quality vs bf16: greedy agreement {fmt(quality['greedy_agreement'], '.2f')}, perplexity "
+            f"{fmt(quality['perplexity'], '.2f')} ({fmt(quality['perplexity_ratio'], '.2f')}x bf16's), weight "
+            f"footprint {fmt(quality['weight_footprint_gb'], '.3f')} GB; "
+            f"{'SUSPECT: ' if quality['is_suspect'] else ''}{quality['reason']}")

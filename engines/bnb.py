@@ -1,0 +1,40 @@
+"""`nf4` and `int8`: bitsandbytes weight quantization through transformers' BitsAndBytesConfig.
+
+NF4 stores linear weights as 4-bit NormalFloat blocks and computes in the model dtype; LLM.int8 stores
+int8 weights and keeps outlier activation columns (above llm_int8_threshold) in 16 bits. Embeddings and
+norms stay in the model dtype, so the footprint drops less than the bit width suggests on a model whose
+embedding is large (Gemma-3-270M's is two thirds of its parameters).
+"""
+from __future__ import annotations
+
+from engines.bf16 import TransformersEngine
+from engines.models import ModelSource
+from engines.protocol import EngineError, ProgressCallback
+
+
+class BitsAndBytesEngine(TransformersEngine):
+    """Options: bits=4|8 (set by the registry), double_quant (NF4, default off), int8_threshold (INT8)."""
+
+    @property
+    def bits(self) -> int:
+        bits = self.options.get("bits", 4)
+        if bits not in (4, 8):
+            raise EngineError(f"{self.name}: bits must be 4 (NF4) or 8 (LLM.int8), got {bits!r}")
+        return bits
+
+    def quantization_config(self):
+        from transformers import BitsAndBytesConfig
+        if self.bits == 4:
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=self._torch_dtype(),
+                                      bnb_4bit_use_double_quant=bool(self.options.get("double_quant", False)))
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(self.options.get("int8_threshold", 6.0)))
+
+    def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
+        from transformers import AutoModelForCausalLM
+        config = self.quantization_config()
+        if progress:
+            progress(f"{self.name}: quantizing the weights to {'NF4' if self.bits == 4 else 'INT8'} while loading")
+        return AutoModelForCausalLM.from_pretrained(
+            source.path, quantization_config=config, dtype=self._torch_dtype(), device_map=self.device,
+            attn_implementation=self.options.get("attn_implementation", "sdpa"))

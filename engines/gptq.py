@@ -1,0 +1,202 @@
+"""`gptq-int4`: 4-bit GPTQ weights through GPTQModel (auto-gptq is archived).
+
+A model whose config carries a GPTQ quantization_config, or `checkpoint=PATH`, loads directly. Any
+other model is quantized on first use from assets/calibration.txt and cached under
+cache_dir()/gptq/, keyed by a hash of the model and the settings. The cache is written to a staging
+folder, given a manifest of file sizes and sha256 sums, and renamed into place; a cache whose files do
+not match its manifest (corrupt, truncated, half-deleted) is rebuilt, never loaded.
+
+Kernels are named, not left to GPTQModel's automatic choice: offline on a GPU that choice tries to
+download CUTLASS and fails. `kernel_name` says which one ran.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engines.bf16 import TransformersEngine
+from engines.models import ASSETS, ModelSource, cache_dir
+from engines.protocol import EngineError, ProgressCallback
+
+CALIBRATION_PATH = ASSETS / "calibration.txt"
+MANIFEST = "manifest.json"
+# Tried in order until one loads; the first is what GPTQModel itself picks on each device when it can.
+BACKENDS = {"cpu": ("gptq_torch_aten", "gptq_torch"), "cuda": ("gptq_triton", "gptq_torch")}
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """What a quantized cache depends on besides the model; every field goes into the cache key."""
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    # The 16 paragraphs of assets/calibration.txt (~50 tokens each): quantizing the embedded model then
+    # takes ~2 min on 2 cores, most of it packing, and perplexity stays within 1.3x of bf16.
+    num_calibration_samples: int = 16
+
+
+def calibration_samples(num_samples: int) -> list[str]:
+    paragraphs = [part.strip() for part in CALIBRATION_PATH.read_text().split("\n\n") if part.strip()]
+    if not 1 <= num_samples <= len(paragraphs):
+        raise EngineError(f"num_calibration_samples must be between 1 and {len(paragraphs)} "
+                          f"(the paragraphs of {CALIBRATION_PATH.name}), got {num_samples}")
+    return paragraphs[:num_samples]
+
+
+def cache_key(source: ModelSource, settings: GptqSettings) -> str:
+    import gptqmodel
+    identity = {"model": str(source.path), "config_sha256": _sha256(source.path / "config.json"),
+                "settings": asdict(settings), "gptqmodel": gptqmodel.__version__,
+                "calibration_sha256": hashlib.sha256(
+                    "\n\n".join(calibration_samples(settings.num_calibration_samples)).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(source: ModelSource, settings: GptqSettings) -> Path:
+    return cache_dir() / "gptq" / f"{source.path.name}-{settings.bits}bit-g{settings.group_size}-{cache_key(source, settings)}"
+
+
+def cache_problem(folder: Path) -> str | None:
+    """None when the folder holds a complete quantized checkpoint matching its manifest, else why not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest (an interrupted or foreign write)"
+    except (ValueError, KeyError, TypeError):
+        return "the manifest is unreadable"
+    if not any(name.endswith(".safetensors") for name in files) or "config.json" not in files:
+        return "the manifest lists no weights"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size_bytes"]:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {expected['size_bytes']} (partial write)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 (corrupt)"
+    return None
+
+
+def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
+                     progress: ProgressCallback | None = None) -> Path:
+    """Return a verified quantized checkpoint for `source`, quantizing it first when none is cached."""
+    from filelock import FileLock
+    target = cache_path(source, settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        problem = cache_problem(target) if target.exists() else "not quantized yet"
+        if problem is None:
+            _say(progress, f"gptq-int4: loading the cached quantization {target}")
+            return target
+        if target.exists():
+            _say(progress, f"gptq-int4: the cache at {target} is unusable ({problem}); rebuilding it")
+            shutil.rmtree(target)
+        staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        started = time.perf_counter()
+        _say(progress, f"gptq-int4: quantizing {source.name} to {settings.bits}-bit GPTQ, group size "
+                       f"{settings.group_size}, {settings.num_calibration_samples} calibration samples on {device} "
+                       "(first use only; about 2 minutes on 2 CPU cores)")
+        try:
+            _quantize(source, settings, device, staging)
+            _write_manifest(staging, settings, time.perf_counter() - started)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _say(progress, f"gptq-int4: quantized in {time.perf_counter() - started:.0f} s, cached at {target}")
+    return target
+
+
+def _quantize(source: ModelSource, settings: GptqSettings, device: str, out_dir: Path) -> None:
+    _set_cpu_workers()
+    from gptqmodel import GPTQModel, QuantizeConfig
+    config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
+    model = GPTQModel.load(str(source.path), config, device=device)
+    model.quantize(calibration_samples(settings.num_calibration_samples), batch_size=1)
+    model.save(str(out_dir))
+    # GPTQModel saves the tokenizer it normalised; ours (BOS on, as Gemma needs) is the one to keep.
+    for path in source.path.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(path, out_dir / path.name)
+
+
+def _write_manifest(folder: Path, settings: GptqSettings, quantize_s: float) -> None:
+    files = {path.name: {"size_bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(folder.iterdir()) if path.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"settings": asdict(settings), "quantize_s": quantize_s,
+                                               "files": files}, indent=2))
+
+
+def _set_cpu_workers() -> None:
+    # GPTQModel's default is half the cores; a single worker crashes quantization on a 2-core machine.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(12, ((os.cpu_count() or 1) + 1) // 2))))
+
+
+def is_gptq_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    method = (config.get("quantization_config") or {}).get("quant_method", "")
+    if method and method != "gptq":
+        raise EngineError(f"{folder} is already quantized with '{method}'; gptq-int4 takes a plain or a GPTQ checkpoint")
+    return method == "gptq"
+
+
+class GptqEngine(TransformersEngine):
+    """INT4 GPTQ. Options: checkpoint=PATH, backend=NAME (a GPTQModel BACKEND value),
+    num_calibration_samples, group_size, desc_act."""
+
+    def __init__(self, name: str, model: str | None = None, options: dict | None = None):
+        options = dict(options or {})
+        super().__init__(name, options.get("checkpoint") or model, options)
+        self.kernel_name: str | None = None
+        self.backend: str | None = None
+        self.checkpoint_path: Path | None = None
+        self.settings = GptqSettings(group_size=int(options.get("group_size", 128)),
+                                     desc_act=bool(options.get("desc_act", False)),
+                                     num_calibration_samples=int(options.get("num_calibration_samples", 16)))
+
+    def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
+        device = "cuda" if self.device.startswith("cuda") else "cpu"
+        if is_gptq_checkpoint(source.path):
+            self.checkpoint_path = source.path
+        else:
+            self.checkpoint_path = ensure_quantized(source, self.settings, self.device, progress)
+        _set_cpu_workers()
+        from gptqmodel import GPTQModel
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+        requested = self.options.get("backend")
+        failures = []
+        for backend in ([requested] if requested else BACKENDS[device]):
+            try:
+                wrapper = GPTQModel.load(str(self.checkpoint_path), device=self.device, backend=backend,
+                                         dtype=self._torch_dtype())
+            except Exception as error:
+                failures.append(f"{backend}: {type(error).__name__}: {str(error).strip()[:200]}")
+                continue
+            kernels = sorted({type(module).__name__ for module in wrapper.model.modules()
+                              if isinstance(module, BaseQuantLinear)})
+            self.backend, self.kernel_name = backend, ", ".join(kernels)
+            _say(progress, f"gptq-int4: kernel {self.kernel_name} (backend {backend})")
+            return wrapper.model
+        raise EngineError(f"gptq-int4: no GPTQ kernel loaded on {self.device}: " + "; ".join(failures))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _say(progress: ProgressCallback | None, message: str) -> None:
+    if progress is not None:
+        progress(message)

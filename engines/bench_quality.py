@@ -62,5 +62,4 @@ class QualityColumns:
         report = evaluate_quality(engine, self.reference)
         row.greedy_agreement, row.perplexity = report.greedy_agreement, report.perplexity
         row.perplexity_ratio, row.weight_footprint_gb = report.perplexity_ratio, report.weight_footprint_gb
-        if report.is_suspect:
-            row.quality_note = "suspect: far from bf16"
+        row.quality_note = f"suspect: {report.reason}" if report.is_suspect else report.reason

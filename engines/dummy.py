@@ -44,13 +44,15 @@ def provision_dummy(config_name: str, progress: ProgressCallback | None = None) 
     unreachable_id = len(tokenizer) - 1
     if unreachable_id >= shape.vocab_size:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(unreachable_id)
-    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    # The model config must keep ids inside its vocabulary; generation reads EOS from generation_config.
+    import transformers
+    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+                  transformers_version=transformers.__version__)
     config.setdefault("torch_dtype", "bfloat16")
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").write_text(json.dumps(config, indent=2))
     (target / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": tokenizer.eos_token_id,
          "pad_token_id": config["pad_token_id"]}, indent=2))
     tokenizer.save_pretrained(target)
     return ModelSource(f"{DUMMY_PREFIX}{stem}", target, None, "dummy")

@@ -11,10 +11,12 @@ download CUTLASS and fails. `kernel_name` says which one ran.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +51,8 @@ def calibration_samples(num_samples: int) -> list[str]:
 
 
 def cache_key(source: ModelSource, settings: GptqSettings) -> str:
-    import gptqmodel
+    with library_output_to_stderr():
+        import gptqmodel
     identity = {"model": str(source.path), "config_sha256": _sha256(source.path / "config.json"),
                 "settings": asdict(settings), "gptqmodel": gptqmodel.__version__,
                 "calibration_sha256": hashlib.sha256(
@@ -114,12 +117,12 @@ def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
 
 
 def _quantize(source: ModelSource, settings: GptqSettings, device: str, out_dir: Path) -> None:
-    _set_cpu_workers()
-    from gptqmodel import GPTQModel, QuantizeConfig
-    config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
-    model = GPTQModel.load(str(source.path), config, device=device)
-    model.quantize(calibration_samples(settings.num_calibration_samples), batch_size=1)
-    model.save(str(out_dir))
+    with library_output_to_stderr():
+        from gptqmodel import GPTQModel, QuantizeConfig
+        config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
+        model = GPTQModel.load(str(source.path), config, device=device)
+        model.quantize(calibration_samples(settings.num_calibration_samples), batch_size=1)
+        model.save(str(out_dir))
     # GPTQModel saves the tokenizer it normalised; ours (BOS on, as Gemma needs) is the one to keep.
     for path in source.path.iterdir():
         if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
@@ -133,9 +136,14 @@ def _write_manifest(folder: Path, settings: GptqSettings, quantize_s: float) -> 
                                                "files": files}, indent=2))
 
 
-def _set_cpu_workers() -> None:
-    # GPTQModel's default is half the cores; a single worker crashes quantization on a 2-core machine.
+@contextlib.contextmanager
+def library_output_to_stderr():
+    """GPTQModel prints its banner, logs and progress bars to stdout, where `generate --json` writes its
+    JSON; they belong on stderr. Its worker count is set before its first import: the default is half
+    the cores, and a single worker crashes quantization on a 2-core machine."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(12, ((os.cpu_count() or 1) + 1) // 2))))
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def is_gptq_checkpoint(folder: Path) -> bool:
@@ -159,9 +167,12 @@ class GptqEngine(TransformersEngine):
         self.kernel_name: str | None = None
         self.backend: str | None = None
         self.checkpoint_path: Path | None = None
-        self.settings = GptqSettings(group_size=int(options.get("group_size", 128)),
-                                     desc_act=bool(options.get("desc_act", False)),
-                                     num_calibration_samples=int(options.get("num_calibration_samples", 16)))
+        try:
+            self.settings = GptqSettings(group_size=int(options.get("group_size", 128)),
+                                         desc_act=bool(options.get("desc_act", False)),
+                                         num_calibration_samples=int(options.get("num_calibration_samples", 16)))
+        except (TypeError, ValueError) as error:
+            raise EngineError(f"{name}: group_size and num_calibration_samples must be whole numbers ({error})") from None
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         device = "cuda" if self.device.startswith("cuda") else "cpu"
@@ -169,15 +180,16 @@ class GptqEngine(TransformersEngine):
             self.checkpoint_path = source.path
         else:
             self.checkpoint_path = ensure_quantized(source, self.settings, self.device, progress)
-        _set_cpu_workers()
-        from gptqmodel import GPTQModel
-        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+        with library_output_to_stderr():
+            from gptqmodel import GPTQModel
+            from gptqmodel.nn_modules.qlinear import BaseQuantLinear
         requested = self.options.get("backend")
         failures = []
         for backend in ([requested] if requested else BACKENDS[device]):
             try:
-                wrapper = GPTQModel.load(str(self.checkpoint_path), device=self.device, backend=backend,
-                                         dtype=self._torch_dtype())
+                with library_output_to_stderr():
+                    wrapper = GPTQModel.load(str(self.checkpoint_path), device=self.device, backend=backend,
+                                             dtype=self._torch_dtype())
             except Exception as error:
                 failures.append(f"{backend}: {type(error).__name__}: {str(error).strip()[:200]}")
                 continue

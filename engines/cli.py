@@ -15,6 +15,7 @@ COMMANDS = {
     "list": ("engines.commands.list_engines", "list every variant, available or not, and why"),
     "generate": ("engines.commands.generate", "stream one prompt through one engine, then print its stats"),
     "bench": ("engines.commands.bench", "benchmark engines: speed, memory, roofline and quality tables and plots"),
+    "load": ("engines.commands.load", "N simultaneous requests against one engine: aggregate tok/s, TTFT, peak KV"),
     "kv": ("engines.commands.kv", "KV-cache size per token and per context, and how many tokens fit in memory"),
 }
 

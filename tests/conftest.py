@@ -52,3 +52,17 @@ def gptq_engine():
     engine.load()
     yield engine
     engine.unload()
+
+
+# vLLM engines in tests skip torch.compile: on 2 cores compiling costs 1-3 minutes per engine start, and
+# the compiled graph is not what the tests check. KV is fixed at 1 GiB so FP8/BF16 block counts compare.
+VLLM_TEST_OPTIONS = {"enforce_eager": True, "kv_cache_gb": 1.0, "max_model_len": 4096}
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One `vllm` engine (BF16 KV) for the whole session; its EngineCore is a child process."""
+    engine = create_engine("vllm", **VLLM_TEST_OPTIONS)
+    engine.load()
+    yield engine
+    engine.unload()

@@ -1,8 +1,10 @@
 """The transformers baseline (`bf16`, `bf16-compiled`) and the base class of every in-process
 transformers variant (nf4, int8, gptq-int4, spec).
 
-One plain generate() runs in a worker thread; a BaseStreamer subclass receives token ids in that
-thread and stamps them there, so the consumer's pace never shifts a timestamp. Subclasses override
+One plain generate() runs in the engine's own single worker thread; a BaseStreamer subclass receives
+token ids in that thread and stamps them there, so the consumer's pace never shifts a timestamp. The
+worker is one persistent thread, not one per request, because CUDA graphs captured by torch.compile
+(bf16-compiled) belong to the thread that captured them: replaying them from another thread asserts. Subclasses override
 `_load_model()` (how weights are built) and `_generate_kwargs()` (what generate() gets extra).
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from engines.models import ModelSource, resolve_model
@@ -68,6 +71,7 @@ class TransformersEngine:
         self.recorder: GenerationRecorder | None = None
         self.last_token_ids: list[int] = []
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def is_loaded(self) -> bool:
@@ -96,6 +100,12 @@ class TransformersEngine:
         except Exception as error:
             raise EngineError(f"{self.name}: could not load {self.source.name}: {_describe(error)}") from error
         self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-generate")
+        if self.options.get("compile") and self.device != "cpu":
+            if progress:
+                progress(f"{self.name}: compiling and capturing CUDA graphs (first run, about a minute)")
+            for _ in self.stream("Warm-up.", GenerationParams(max_new_tokens=8)):
+                pass
         if progress:
             progress(f"{self.name}: ready")
 
@@ -145,20 +155,19 @@ class TransformersEngine:
         streamer = _TokenStreamer(self.recorder)
         errors: list[BaseException] = []
         self.recorder.start(num_prompt_tokens)
-        worker = threading.Thread(target=self._run_generate, name=f"{self.name}-generate", daemon=True,
-                                  args=(input_ids, attention_mask, params, streamer, stop_event, errors))
         finish_reason = "cancelled"
+        future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer,
+                                       stop_event, errors)
         try:
-            worker.start()
             yield from self._decode_stream(streamer)
-            worker.join()
+            future.result()
             if errors:
                 finish_reason = "error"
                 raise EngineError(f"{self.name}: generation failed: {_describe(errors[0])}") from errors[0]
             finish_reason = "length" if len(self.last_token_ids) >= params.max_new_tokens else "eos"
         finally:
             stop_event.set()
-            worker.join(timeout=60)
+            future.result(timeout=60)
             self.recorder.finish(finish_reason)
             self._lock.release()
 
@@ -235,6 +244,9 @@ class TransformersEngine:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
 
     def unload(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self.model = None
         self.tokenizer = None
         import gc

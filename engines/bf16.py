@@ -22,6 +22,8 @@ from engines.registry import has_gpu
 from engines.telemetry import GenerationRecorder, MemoryProbe
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# PyTorch SDPA's own kernels (torch.nn.attention.SDPBackend names); "auto" lets PyTorch choose.
+SDPA_BACKENDS = ("auto", "cudnn", "efficient", "flash", "math")
 _DONE = object()
 
 
@@ -34,6 +36,19 @@ def attention_unavailable_reason(attn_implementation: str, device: str) -> str |
         if importlib.util.find_spec("flash_attn") is None:
             return "flash_attention_2 needs the flash-attn package, which is not installed"
     return None
+
+
+def sdpa_backend_context(backend: str):
+    """A context manager that pins PyTorch SDPA to one kernel family, or does nothing for "auto"."""
+    import contextlib
+    if backend == "auto":
+        return contextlib.nullcontext()
+    if backend not in SDPA_BACKENDS:
+        raise EngineError(f"unknown sdpa_backend '{backend}'; choose one of {', '.join(SDPA_BACKENDS)}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+             "math": "MATH"}
+    return sdpa_kernel([getattr(SDPBackend, names[backend])])
 
 
 class _TokenStreamer:
@@ -202,7 +217,7 @@ class TransformersEngine:
             torch.manual_seed(params.seed)
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
                 if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            with torch.inference_mode():
+            with torch.inference_mode(), sdpa_backend_context(self.options.get("sdpa_backend", "auto")):
                 output = self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
                     min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from engines.bf16 import sdpa_backend_context  # noqa: E402
 from engines.protocol import GenerationParams  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
 
@@ -38,7 +39,7 @@ def timed_bare_generate(engine, max_new_tokens: int) -> float:
     input_ids, attention_mask = engine.encode(PROMPT)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), sdpa_backend_context(engine.options.get("sdpa_backend", "auto")):
         output = engine.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     torch.cuda.synchronize()
@@ -50,7 +51,8 @@ def profile_decode(engine, num_tokens: int = 32) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
     input_ids, attention_mask = engine.encode(PROMPT)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode(), \
+            sdpa_backend_context(engine.options.get("sdpa_backend", "auto")):
         engine.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                               max_new_tokens=num_tokens, min_new_tokens=num_tokens)
         torch.cuda.synchronize()
@@ -74,10 +76,12 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     import torch
     rows = []
-    for engine_name, attn in [("bf16", "eager"), ("bf16", "sdpa"), ("bf16-compiled", "sdpa")]:
-        row = {"engine": engine_name, "attn": attn}
+    variants = [("bf16", "eager", "auto"), ("bf16", "sdpa", "auto"), ("bf16", "sdpa", "efficient"),
+                ("bf16", "sdpa", "math"), ("bf16", "sdpa", "flash"), ("bf16-compiled", "sdpa", "auto")]
+    for engine_name, attn, sdpa_backend in variants:
+        row = {"engine": engine_name, "attn": attn if attn == "eager" else f"sdpa/{sdpa_backend}"}
         try:
-            engine = create_engine(engine_name, attn_implementation=attn)
+            engine = create_engine(engine_name, attn_implementation=attn, sdpa_backend=sdpa_backend)
             started = time.perf_counter()
             engine.load(progress=lambda m: print("  ", m, flush=True))
             row["load_s"] = time.perf_counter() - started
@@ -92,7 +96,7 @@ def main() -> int:
             row["text_head"] = runs[0]["text"][:120]
             row["bare_generate_tok_s"] = statistics.median(
                 timed_bare_generate(engine, args.max_new_tokens) for _ in range(args.repeats))
-            if engine_name == "bf16":
+            if engine_name == "bf16" and sdpa_backend == "auto":
                 row["profile"] = profile_decode(engine)
             engine.unload()
             torch.cuda.empty_cache()

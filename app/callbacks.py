@@ -116,7 +116,7 @@ class Playground:
         if record is None:
             return self._message_only("Stopped.")
         for pane in record.panes:
-            if pane.status in LIVE_STATUSES:
+            if pane.status in LIVE_STATUSES or (pane.status == "ready" and not record.is_load_only):
                 if pane.status == "running":
                     pane.stats = self.pool.engine(pane.key).stats()
                 pane.status, pane.message = "stopped", "stopped by the user"
@@ -167,11 +167,11 @@ class Playground:
 
     def export(self, record: RunRecord | None):
         if record is None or record.is_load_only:
-            return None, "Nothing to export yet: run a prompt first."
+            return gr.skip(), "Nothing to export yet: run a prompt first."
         root = Path(self.config.export_dir) if self.config.export_dir else Path(tempfile.gettempdir())
         out_dir = Path(tempfile.mkdtemp(prefix="playground-run-", dir=root))
         paths, note = write_run_files(record, out_dir)
-        return [str(path) for path in paths], note or f"Exported {len(paths)} files."
+        return gr.update(value=[str(path) for path in paths], visible=True), note or f"Exported {len(paths)} files."
 
     # Rendering -----------------------------------------------------------------------------------
     def render(self, record: RunRecord, with_charts: bool) -> tuple:

@@ -13,6 +13,8 @@ from app.streaming import PaneResult
 
 COLORS = ("#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777")
 CHART_HEIGHT_PX = 300
+# A token count over a window this long, so a slow engine draws a rate rather than 0/1/2 steps.
+RATE_WINDOW_S = 2.0
 
 
 def _base(title: str, x_title: str, y_title: str) -> go.Figure:
@@ -35,12 +37,23 @@ def _measured(panes: list[PaneResult]) -> list[tuple[int, PaneResult]]:
     return [(index, pane) for index, pane in enumerate(panes) if pane.stats is not None and pane.stats.samples]
 
 
+def rolling_rate(samples) -> list[float]:
+    """Tokens per second over the RATE_WINDOW_S before each sample, from the cumulative token counts."""
+    rates, start = [], 0
+    for sample in samples:
+        while samples[start].t_s < sample.t_s - RATE_WINDOW_S:
+            start += 1
+        tokens_before = samples[start - 1].num_tokens if start else 0
+        rates.append((sample.num_tokens - tokens_before) / RATE_WINDOW_S)
+    return rates
+
+
 def tokens_per_second_figure(panes: list[PaneResult]) -> go.Figure:
-    figure = _base("Decode speed (tokens in the last second)", "seconds since submit", "tokens/s")
+    figure = _base(f"Decode speed ({RATE_WINDOW_S:g} s rolling window)", "seconds since submit", "tokens/s")
     measured = _measured(panes)
     for index, pane in measured:
         samples = pane.stats.samples
-        figure.add_trace(go.Scatter(x=[s.t_s for s in samples], y=[s.decode_tok_s for s in samples],
+        figure.add_trace(go.Scatter(x=[s.t_s for s in samples], y=rolling_rate(samples),
                                     mode="lines", name=pane.label, line={"color": COLORS[index % len(COLORS)]}))
     return figure if measured else _note(figure, "no tokens yet: press Run")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app import bench_tab, kv_tab, text
+from app import bench_tab, charts, kv_tab, text
 from app.callbacks import Playground
 from app.hosting import on_zero_gpu
 from app.streaming import MODES, PARALLEL
@@ -57,22 +57,25 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
         unload_button = gr.Button("Unload all", size="sm", scale=0, elem_id="unload")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Type a prompt, or pick a sample below",
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Type a prompt, or pick a sample below",
                                 elem_id="prompt")
             gr.Examples([[p] for p in sample_prompts()], inputs=[prompt], label="Sample prompts")
+            with gr.Row():
+                max_new_tokens = gr.Number(64, label="Max new tokens", precision=0, min_width=120,
+                                           elem_id="max-new-tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                                        info=text.TEMPERATURE_HELP, min_width=200, elem_id="temperature")
+                seed = gr.Number(0, label="Seed", precision=0, min_width=100, elem_id="seed")
+            with gr.Row():
+                mode = gr.Radio(list(MODES), value=PARALLEL, label="Mode", info=text.MODE_HELP, elem_id="mode")
+                compute_quality = gr.Checkbox(False, label="Compute quality after the run (greedy agreement and "
+                                                           "perplexity against bf16; loads bf16)",
+                                              elem_id="compute-quality")
         with gr.Column(scale=2):
             picker = gr.CheckboxGroup([(f"{choice.label} · {choice.key}", choice.key) for choice in available],
                                       value=[available[0].key] if available else [], label="Engines (one pane each)",
                                       elem_id="engine-picker")
             gr.HTML(text.unavailable_html(pool.choices.values()), elem_id="unavailable-engines")
-            with gr.Row():
-                max_new_tokens = gr.Number(64, label="Max new tokens", precision=0, elem_id="max-new-tokens")
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
-                                        info=text.TEMPERATURE_HELP, elem_id="temperature")
-                seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
-            mode = gr.Radio(list(MODES), value=PARALLEL, label="Mode", info=text.MODE_HELP, elem_id="mode")
-            compute_quality = gr.Checkbox(False, label="Compute quality after the run (agreement and perplexity "
-                                                       "against bf16; loads bf16)", elem_id="compute-quality")
     with gr.Row(elem_id="actions"):
         run_button = gr.Button("Run", variant="primary", scale=0, min_width=140, elem_id="run")
         stop_button = gr.Button("Stop", variant="stop", scale=0, min_width=140, elem_id="stop")
@@ -88,14 +91,16 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                     metrics.append(gr.HTML(text.pane_metrics_html(None), elem_id=f"pane-{index}-metrics"))
                 columns.append(column)
     with gr.Row(elem_id="charts"):
-        plots = [gr.Plot(label=label, show_label=False, elem_id=f"chart-{name}")
-                 for name, label in (("tokens", "tokens/s"), ("memory", "memory"), ("kv", "KV blocks"))]
+        plots = [gr.Plot(figure, label=label, show_label=False, elem_id=f"chart-{name}")
+                 for figure, (name, label) in zip(charts.run_figures([]).values(),
+                                                  (("tokens", "tokens/s"), ("memory", "memory"), ("kv", "KV blocks")))]
     summary = gr.Dataframe(headers=text.SUMMARY_HEADERS, label="Summary (after the run)", interactive=False,
                            wrap=True, elem_id="summary")
     with gr.Row(elem_id="export-row"):
         export_button = gr.Button("Export run (JSON, CSV, chart images)", scale=0, min_width=260, elem_id="export")
         export_note = gr.Markdown("", elem_id="export-note")
-    export_files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="export-files")
+    export_files = gr.File(label="Exported files", file_count="multiple", interactive=False, visible=False,
+                           elem_id="export-files")
     record = gr.State(None)
 
     run_outputs = [status, record, loaded, *titles, *texts, *metrics, *plots, summary]

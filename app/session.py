@@ -52,6 +52,9 @@ class EnginePool:
         self._engines: dict[str, Engine] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
+        # One load at a time: transformers' lazy imports are not safe when two threads import first,
+        # and two models materialising at once can need twice the peak memory.
+        self._load_lock = threading.Lock()
 
     def choice(self, key: str) -> PaneChoice:
         if key not in self.choices:
@@ -79,7 +82,8 @@ class EnginePool:
 
     def load(self, key: str, progress: ProgressCallback | None = None) -> Engine:
         engine = self.engine(key)
-        engine.load(progress)
+        with self._load_lock:
+            engine.load(progress)
         with self._lock:
             self._loaded.add(key)
         return engine

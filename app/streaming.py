@@ -67,8 +67,9 @@ class StreamMerger:
     def updates(self) -> Iterator[RunRecord]:
         keys = list(self._panes)
         groups = [keys] if self.record.mode == FAIR else [[key] for key in keys]
-        workers = [threading.Thread(target=self._work, args=(group,), name=f"pane-{'+'.join(group)}", daemon=True)
-                   for group in groups]
+        all_loaded = threading.Barrier(len(groups))
+        workers = [threading.Thread(target=self._work, args=(group, all_loaded), name=f"pane-{'+'.join(group)}",
+                                    daemon=True) for group in groups]
         for worker in workers:
             worker.start()
         next_refresh = time.perf_counter()
@@ -113,26 +114,38 @@ class StreamMerger:
             if pane.status == "running":
                 pane.stats = self.pool.engine(pane.key).stats()
 
-    def _work(self, keys: list[str]) -> None:
-        for key in keys:
+    def _work(self, keys: list[str], all_loaded: threading.Barrier) -> None:
+        """Load this worker's engines, wait until every worker has loaded, then stream: a load in one
+        pane would otherwise slow another pane's generation and spoil its timings."""
+        loaded = [key for key in keys if self._guarded(key, self._load_pane)]
+        all_loaded.wait()
+        if self.record.is_load_only:
+            return
+        for key in loaded:
             if self.stop_event.is_set():
                 self._messages.put(("stopped", key, "stopped before it started"))
-                continue
-            try:
-                self._run_pane(key)
-            except EngineError as error:
-                self._messages.put(("error", key, str(error)))
-            except Exception as error:  # a pane shows any failure as text; the other panes go on
-                self._messages.put(("error", key, f"{type(error).__name__}: {error}"))
+            else:
+                self._guarded(key, self._stream_pane)
 
-    def _run_pane(self, key: str) -> None:
+    def _guarded(self, key: str, step) -> bool:
+        try:
+            step(key)
+            return True
+        except EngineError as error:
+            self._messages.put(("error", key, str(error)))
+        except Exception as error:  # a pane shows any failure as text; the other panes go on
+            self._messages.put(("error", key, f"{type(error).__name__}: {error}"))
+        return False
+
+    def _load_pane(self, key: str) -> None:
         put = self._messages.put
         if not self.pool.is_loaded(key):
-            put(("loading", key, "loading…"))
+            put(("loading", key, "waiting to load (one engine loads at a time)"))
             self.pool.load(key, progress=lambda message: put(("loading", key, message)))
-        if self.record.is_load_only or self.stop_event.is_set():
-            put(("ready" if self.record.is_load_only else "stopped", key, "loaded"))
-            return
+        put(("ready", key, "loaded" if self.record.is_load_only else "loaded; waiting for the other engines"))
+
+    def _stream_pane(self, key: str) -> None:
+        put = self._messages.put
         engine = self.pool.engine(key)
         put(("running", key, ""))
         stream = engine.stream(self.record.prompt, self.record.params)

@@ -176,8 +176,9 @@ def test_export_writes_json_csv_and_chart_images(playground, tmp_path):
     outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=6)
     record = outputs[-1][1]
     playground.config = AppConfig(export_dir=str(tmp_path))
-    paths, note = playground.export(record)
-    by_name = {path.rsplit("/", 1)[-1]: path for path in paths}
+    files, note = playground.export(record)
+    assert files["visible"]
+    by_name = {path.rsplit("/", 1)[-1]: path for path in files["value"]}
     data = json.loads(open(by_name["run.json"]).read())
     assert [engine["text"] for engine in data["engines"]] == [pane.text for pane in record.panes]
     assert data["engines"][0]["stats"]["samples"] and data["params"]["max_new_tokens"] == 6
@@ -221,13 +222,21 @@ def test_zero_gpu_wraps_the_generation_events_only_on_zero_gpu(monkeypatch):
     assert hosting.on_zero_gpu(event) is event and wrapped == [(event, hosting.ZERO_GPU_DURATION_S)]
 
 
-def test_unload_returns_the_engines_and_forgets_them():
+def test_load_shows_progress_per_engine_then_unload_forgets_it():
     # Its own pool and engine: unloading the shared session engines would starve other test files.
     pool = EnginePool(None, build_choices())
-    pool.adopt("bf16-eager", create_engine("bf16", attn_implementation="eager"))
     playground = Playground(AppConfig(), pool)
+    outputs = list(playground.load(["bf16-eager"]))
+    titles = [panes_of(playground, output)[0][0] for output in outputs]
+    notes = [panes_of(playground, output)[0][2] for output in outputs]
+    assert any("loading" in title for title in titles) and "loaded" in titles[-1]
+    assert any("bf16: loading" in note for note in notes), notes
+    assert outputs[-1][1].panes[0].status == "ready" and pool.loaded_keys() == ["bf16-eager"]
+    engine = pool.engine("bf16-eager")
+    assert engine.options["attn_implementation"] == "eager" and engine.is_loaded
     status, loaded = playground.unload()
     assert "bf16-eager" in status and "none" in loaded and pool.loaded_keys() == []
+    assert not engine.is_loaded
     assert playground.unload()[0] == "No engine was loaded."
     with pytest.raises(EngineError, match="unknown engine"):
         pool.choice("nope")

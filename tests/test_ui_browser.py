@@ -1,0 +1,125 @@
+"""End to end in a real browser: `python -m app` on a loopback port, driven by headless Chromium.
+
+Picks two available engines, runs a prompt, and checks what a person would look for: text in both
+panes, decode tok/s above zero, the charts drawn, the summary filled; then Stop on a long run. The
+page is saved as test-artifacts/ui_playground.png.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engines.registry import list_engines
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+# Second pane: a different engine where one exists, cheapest first; bf16 with eager attention otherwise.
+SECOND_ENGINE_PREFERENCE = ("spec", "nf4", "int8", "gptq-int4")
+STARTUP_TIMEOUT_S = 120
+RUN_TIMEOUT_MS = 300_000
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed "
+                                "(scripts/install.sh installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = free_port()
+    log_path = ROOT / "test-artifacts" / "ui_server.log"
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the app did not start; see {log_path}:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.wait_for_selector("#run", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def second_engine() -> str:
+    available = {row["name"] for row in list_engines() if row["is_available"]}
+    return next((name for name in SECOND_ENGINE_PREFERENCE if name in available), "bf16-eager")
+
+
+def metric(page, pane: int, name: str) -> str:
+    return page.inner_text(f"#pane-{pane}-metrics [data-metric={name}]").strip()
+
+
+def test_two_engines_stream_side_by_side_with_live_charts(page, artifacts_dir):
+    other = second_engine()
+    page.locator("#engine-picker label", has_text=re.compile(rf"· {re.escape(other)}$")).click()
+    page.wait_for_selector("#pane-1", state="visible")
+    page.fill("#max-new-tokens input", "16")
+    page.fill("#prompt textarea", "The capital of France is")
+    page.click("#run")
+    for pane in (0, 1):
+        page.wait_for_function(f"document.querySelector('#pane-{pane}-text textarea').value.trim().length > 0",
+                               timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('finished')",
+                           timeout=RUN_TIMEOUT_MS)
+    texts = [page.input_value(f"#pane-{pane}-text textarea") for pane in (0, 1)]
+    assert all(len(text.split()) >= 2 for text in texts), texts
+    for pane in (0, 1):
+        decode = metric(page, pane, "decode_tok_s")
+        assert float(decode.split()[0].replace(",", "")) > 0, decode
+        assert int(metric(page, pane, "num_tokens")) > 0
+    assert "bf16" in page.inner_text("#pane-0-title") and other in page.inner_text("#pane-1-title")
+    page.wait_for_function("document.querySelectorAll('#chart-tokens .scatterlayer .trace').length >= 2",
+                           timeout=30_000)
+    assert page.locator("#chart-memory .barlayer .trace").count() == 2
+    summary = page.inner_text("#summary")
+    assert "bf16" in summary and other in summary
+    page.screenshot(path=os.path.join(artifacts_dir, "ui_playground.png"), full_page=True)
+
+
+def test_stop_ends_a_long_run_in_every_pane(page, artifacts_dir):
+    page.fill("#max-new-tokens input", "400")
+    page.fill("#prompt textarea", "Once upon a time, in a small village by the sea,")
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('2 streaming')",
+                           timeout=RUN_TIMEOUT_MS)
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#run-status').innerText.startsWith('Run stopped')",
+                           timeout=30_000)
+    for pane in (0, 1):
+        assert "stopped" in page.inner_text(f"#pane-{pane}-title")
+        assert 0 < int(metric(page, pane, "num_tokens")) < 400
+    page.screenshot(path=os.path.join(artifacts_dir, "ui_playground_stopped.png"), full_page=True)

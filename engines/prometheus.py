@@ -87,3 +87,35 @@ class MetricsDelta:
         elif reading.sglang_accept_length is not None:
             result["mean_accepted_len"] = reading.sglang_accept_length
         return result
+
+
+class MetricsScraper:
+    """Scrapes one server's /metrics; `probe()` is the KvProbe a GenerationRecorder samples with."""
+
+    def __init__(self, url: str, api_key: str | None = None, model_name: str | None = None,
+                 timeout_s: float = 2.0):
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.error = ""
+        self._delta = MetricsDelta(MetricsReading())
+
+    def read(self) -> MetricsReading | None:
+        """One scrape; None (and `error` says why) when the endpoint cannot be read."""
+        import httpx
+        try:
+            response = httpx.get(self.url, timeout=self.timeout_s, headers=self.headers)
+            response.raise_for_status()
+            self.error = ""
+            return parse_metrics(response.text, self.model_name)
+        except Exception as error:
+            self.error = f"{self.url}: {type(error).__name__}: {error}"
+            return None
+
+    def set_baseline(self) -> None:
+        self._delta = MetricsDelta(self.read() or MetricsReading())
+
+    def probe(self) -> dict:
+        reading = self.read()
+        return {} if reading is None else self._delta.fields(reading)

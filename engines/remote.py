@@ -2,9 +2,10 @@
 
 Configured by URL, served model name and optional API key: from the UI (constructor options `url`,
 `served_model`, `api_key`, `metrics_url`, `timeout_s`, `api`), or per server in a TOML file
-(PLAYGROUND_REMOTE_CONFIG, else assets/remote.toml; see assets/remote.example.toml), each of which the
-registry lists as `remote:<label>`. Completions stream through the openai client in a worker thread
-that stamps tokens as they arrive, so TTFT, tok/s and ITL are client-side and include the network.
+(PLAYGROUND_REMOTE_CONFIG, else assets/remote.toml; see assets/remote.example.toml), each of which
+engines.registry.remote_specs lists as `remote:<label>`. Completions stream through the openai client
+in a worker thread that stamps tokens as they arrive, so TTFT, tok/s and ITL are client-side and
+include the network.
 Token counts per chunk come from the chunk's logprobs (one entry per token); the final usage field
 (stream_options include_usage) is authoritative, and without logprobs or usage the count is the
 number of non-empty chunks, which `is_token_count_exact` then says. KV usage, preemptions and
@@ -17,56 +18,22 @@ import math
 import os
 import queue
 import threading
-import tomllib
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from engines.prometheus import MetricsDelta, MetricsReading, parse_metrics
+from engines.prometheus import MetricsScraper
 from engines.protocol import (EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
                               validate_prompt)
 from engines.telemetry import GenerationRecorder, MemoryReading
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "remote.toml"
 CONNECT_TIMEOUT_S = 5.0
-METRICS_TIMEOUT_S = 2.0
 _DONE = object()
 
 
 @dataclass(frozen=True)
 class _Finished:
     reason: str
-
-
-@dataclass(frozen=True)
-class RemoteConfig:
-    label: str
-    url: str
-    served_model: str | None = None
-    api_key_env: str | None = None
-    metrics_url: str | None = None
-    timeout_s: float = 60.0
-    api: str = "completions"
-
-    def options(self) -> dict:
-        return {key: value for key, value in self.__dict__.items() if value is not None and key != "label"}
-
-
-def config_path() -> Path:
-    return Path(os.environ.get("PLAYGROUND_REMOTE_CONFIG") or DEFAULT_CONFIG)
-
-
-def read_remote_configs(path: Path | None = None) -> list[RemoteConfig]:
-    """The [remote.<label>] tables of the config file; [] when there is none. Raises EngineError."""
-    path = path or config_path()
-    if not path.is_file():
-        return []
-    try:
-        tables = tomllib.loads(path.read_text()).get("remote", {})
-        return [RemoteConfig(label=label, **table) for label, table in tables.items()]
-    except (tomllib.TOMLDecodeError, TypeError) as error:
-        raise EngineError(f"remote engine config {path} is not valid: {error}") from None
 
 
 class _NotMeasured:
@@ -98,14 +65,16 @@ class RemoteEngine:
         try:
             self.timeout_s = float(self.options.get("timeout_s", 60.0))
         except (TypeError, ValueError):
-            raise EngineError(f"{name}: timeout_s must be a number of seconds") from None
+            self.timeout_s = math.nan
+        if not 0 < self.timeout_s <= 3600:
+            raise EngineError(f"{name}: timeout_s must be a number of seconds in (0, 3600], "
+                              f"got {self.options.get('timeout_s')!r}")
         env_name = self.options.get("api_key_env")
-        self.api_key = self.options.get("api_key") or (os.environ.get(env_name) if env_name else None) or "none"
+        self.api_key = self.options.get("api_key") or (os.environ.get(env_name) if env_name else None)
         self.client = None
         self.recorder: GenerationRecorder | None = None
         self.is_token_count_exact = True
-        self.metrics_error = ""
-        self._metrics_delta: MetricsDelta | None = None
+        self.metrics = MetricsScraper(self.metrics_url, self.api_key)
         self._lock = threading.Lock()
 
     @property
@@ -117,7 +86,8 @@ class RemoteEngine:
             return
         import httpx
         import openai
-        client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+        # The openai client insists on a key; servers started without --api-key ignore it.
+        client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "none", max_retries=0,
                                timeout=httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S))
         if progress:
             progress(f"{self.name}: asking {self.base_url} which models it serves")
@@ -131,27 +101,9 @@ class RemoteEngine:
             raise EngineError(f"{self.name}: {self.base_url} does not serve '{self.served_model}'; "
                               f"it serves: {', '.join(served) or 'nothing'}")
         self.client = client
-        self.recorder = GenerationRecorder(self.name, _NotMeasured(), kv_probe=self._probe_metrics,
+        self.metrics.model_name = self.served_model
+        self.recorder = GenerationRecorder(self.name, _NotMeasured(), kv_probe=self.metrics.probe,
                                            sample_interval_s=0.5)
-
-    def read_metrics(self) -> MetricsReading | None:
-        """One scrape of /metrics; None (and metrics_error says why) when it cannot be read."""
-        import httpx
-        try:
-            response = httpx.get(self.metrics_url, timeout=METRICS_TIMEOUT_S,
-                                 headers={"Authorization": f"Bearer {self.api_key}"})
-            response.raise_for_status()
-            self.metrics_error = ""
-            return parse_metrics(response.text, self.served_model)
-        except Exception as error:
-            self.metrics_error = f"{self.metrics_url}: {type(error).__name__}: {error}"
-            return None
-
-    def _probe_metrics(self) -> dict:
-        reading = self.read_metrics()
-        if reading is None or self._metrics_delta is None:
-            return {}
-        return self._metrics_delta.fields(reading)
 
     def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]:
         if self.client is None:
@@ -160,7 +112,7 @@ class RemoteEngine:
         params = params.validate()
         if not self._lock.acquire(blocking=False):
             raise EngineError(f"{self.name} is busy with another request")
-        self._metrics_delta = MetricsDelta(self.read_metrics() or MetricsReading())
+        self.metrics.set_baseline()
         self.is_token_count_exact = True
         stop_event, chunks = threading.Event(), queue.Queue()
         self.recorder.start()

@@ -7,6 +7,7 @@ One server per session (it takes a minute or more to start on CPU); the test tha
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from engines.models import resolve_model
+from engines.prometheus import MetricsDelta, parse_metrics
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine, list_engines
 from tests.conftest import run_stream
@@ -59,6 +61,9 @@ def vllm_server(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(2)
+        # The first request pays for lazy warm-up (seconds of compilation on CPU); keep it out of the tests.
+        httpx.post(f"{url}/v1/completions", json={"model": SERVED_NAME, "prompt": FRANCE, "max_tokens": 4},
+                   timeout=300).raise_for_status()
         yield {"url": url, "process": server, "log": log_path}
     finally:
         _stop(server)
@@ -83,11 +88,12 @@ def remote_engine(vllm_server):
 
 
 def test_streams_with_server_token_counts_and_kv_usage(remote_engine):
-    text, events, stats = run_stream(remote_engine, FRANCE, max_new_tokens=48)
+    # Long enough that the 0.5 s /metrics sampler sees the request holding KV blocks.
+    text, events, stats = run_stream(remote_engine, FRANCE, max_new_tokens=128)
     assert remote_engine.served_model == SERVED_NAME
     assert "paris" in text.lower() or "france" in text.lower(), text
     assert remote_engine.is_token_count_exact
-    assert stats.num_tokens == sum(event.num_tokens for event in events) == 48
+    assert stats.num_tokens == sum(event.num_tokens for event in events) == 128
     assert stats.finish_reason == "length"
     assert stats.num_prompt_tokens == 6  # BOS + 5 tokens, counted by the server
     assert 0 < stats.ttft_s < stats.total_s and stats.decode_tok_s > 0
@@ -121,12 +127,19 @@ def test_config_file_adds_remote_engines_to_the_registry(vllm_server, tmp_path, 
         create_engine("remote:nowhere").load()
 
 
-def test_broken_config_file_is_reported_not_raised(tmp_path, monkeypatch):
+@pytest.mark.parametrize("content, message", [
+    ('[remote.bad]\nurl = "http://127.0.0.1:1"\nport = 3\n', "needs url and knows only .*; got port"),
+    ('[remote.bad]\nserved_model = "x"\n', "needs url .*; got no url"),
+    ('[remote.bad\nurl = 1\n', "not valid TOML")])
+def test_broken_config_file_is_reported_not_raised(tmp_path, monkeypatch, content, message):
     config = tmp_path / "remote.toml"
-    config.write_text('[remote.bad]\nurl = "http://127.0.0.1:1"\nport = 3\n')
+    config.write_text(content)
     monkeypatch.setenv("PLAYGROUND_REMOTE_CONFIG", str(config))
     rows = {row["name"]: row for row in list_engines()}
-    assert not rows["remote:*"]["is_available"] and "not valid" in rows["remote:*"]["reason"]
+    assert "bf16" in rows and not rows["remote:*"]["is_available"]
+    assert re.search(message, rows["remote:*"]["reason"]), rows["remote:*"]["reason"]
+    with pytest.raises(EngineError, match=message):
+        create_engine("remote:bad")
 
 
 def test_unknown_model_names_what_the_server_serves(vllm_server):
@@ -135,10 +148,39 @@ def test_unknown_model_names_what_the_server_serves(vllm_server):
         engine.load()
 
 
+@pytest.mark.parametrize("exposition, expected", [
+    # Exposition text of servers that cannot run here (an older vLLM, SGLang), in their own metric names.
+    ('vllm:gpu_cache_usage_perc{model_name="m"} 0.5\nvllm:gpu_cache_usage_perc{model_name="other"} 0.9\n',
+     {"kv_used_frac": 0.5}),
+    ('sglang:token_usage{model_name="m"} 0.25\nsglang:spec_accept_length{model_name="m"} 2.5\n',
+     {"kv_used_frac": 0.25, "mean_accepted_len": 2.5}),
+    ('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.2\nvllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.4\n'
+     'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 14\n'
+     'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 40\n'
+     'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 30\n'
+     'vllm:num_preemptions_total{engine="0",model_name="m"} 3\n',
+     {"kv_used_frac": 0.3, "num_drafts": 4, "num_draft_tokens": 20, "num_accepted_tokens": 15,
+      "acceptance_rate": 0.75, "mean_accepted_len": 1 + 15 / 4, "num_preemptions": 3})])
+def test_metrics_are_read_per_model_and_counted_from_the_baseline(exposition, expected):
+    baseline = parse_metrics('vllm:spec_decode_num_drafts_total{model_name="m"} 10\n'
+                             'vllm:spec_decode_num_draft_tokens_total{model_name="m"} 20\n'
+                             'vllm:spec_decode_num_accepted_tokens_total{model_name="m"} 15\n', "m")
+    fields = MetricsDelta(baseline).fields(parse_metrics(exposition, "m"))
+    assert fields == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("url", ["", "ftp://host/v1", "127.0.0.1:8000"])
 def test_bad_url_is_refused_with_a_message(url):
     with pytest.raises(EngineError, match="base URL"):
         create_engine("remote", url=url)
+
+
+@pytest.mark.parametrize("options, message", [({"timeout_s": 0}, "timeout_s must be"),
+                                             ({"timeout_s": "soon"}, "timeout_s must be"),
+                                             ({"api": "grpc"}, "api must be 'completions' or 'chat'")])
+def test_bad_options_are_refused_with_a_message(options, message):
+    with pytest.raises(EngineError, match=message):
+        create_engine("remote", url="http://127.0.0.1:1", **options)
 
 
 def test_server_that_is_down_fails_fast():

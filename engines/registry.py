@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 from engines.protocol import EngineError, EngineUnavailable
 
@@ -95,14 +97,34 @@ def unavailable_reason(spec: EngineSpec) -> str | None:
     return None
 
 
+REMOTE_CONFIG_KEYS = {"url", "served_model", "api_key_env", "metrics_url", "timeout_s", "api"}
+
+
+def remote_config_path() -> Path:
+    default = Path(__file__).resolve().parent.parent / "assets" / "remote.toml"
+    return Path(os.environ.get("PLAYGROUND_REMOTE_CONFIG") or default)
+
+
 def remote_specs() -> dict[str, EngineSpec]:
-    """`remote:<label>` variants, one per server in the remote config file (see engines/remote.py)."""
-    from engines.remote import read_remote_configs
-    remote = SPECS["remote"]
-    return {f"remote:{config.label}": EngineSpec(
-        f"remote:{config.label}", f"Remote: {config.label}",
-        f"{config.served_model or 'first served model'} at {config.url}", remote.target, remote.requires,
-        defaults=config.options()) for config in read_remote_configs()}
+    """`remote:<label>` variants, one per [remote.<label>] table of the remote config file (keys in
+    assets/remote.example.toml); none without a file. A broken file raises EngineError."""
+    path = remote_config_path()
+    if not path.is_file():
+        return {}
+    try:
+        tables = tomllib.loads(path.read_text()).get("remote", {})
+    except tomllib.TOMLDecodeError as error:
+        raise EngineError(f"remote engine config {path} is not valid TOML: {error}") from None
+    specs = {}
+    for label, table in tables.items():
+        unknown = sorted(set(table) - REMOTE_CONFIG_KEYS) if isinstance(table, dict) else ["(not a table)"]
+        if unknown or "url" not in table:
+            raise EngineError(f"remote engine config {path}: [remote.{label}] needs url and knows only "
+                              f"{', '.join(sorted(REMOTE_CONFIG_KEYS))}; got {', '.join(unknown) or 'no url'}")
+        specs[f"remote:{label}"] = EngineSpec(
+            f"remote:{label}", f"Remote: {label}", f"{table.get('served_model', 'first served model')} at "
+            f"{table['url']}", SPECS["remote"].target, SPECS["remote"].requires, defaults=dict(table))
+    return specs
 
 
 def all_specs() -> dict[str, EngineSpec]:

@@ -87,6 +87,8 @@ class SpeculativeEngine(TransformersEngine):
             value = self.options.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise EngineError(f"{name}: option {key} must be a whole number >= 1, got {value!r}")
+        if self.options.get("compile"):
+            raise EngineError(f"{name}: assisted generation needs a dynamic KV cache; drop the compile option")
 
     @property
     def drafting(self) -> str:
@@ -94,8 +96,6 @@ class SpeculativeEngine(TransformersEngine):
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         model = super()._load_model(source, progress)
-        if self.options.get("compile"):
-            raise EngineError(f"{self.name}: assisted generation needs a dynamic KV cache; drop the compile option")
         if self.options.get("draft_model"):
             self.draft_model = self._load_draft(str(self.options["draft_model"]), progress)
         self._wrap_candidate_generator(model)

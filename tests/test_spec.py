@@ -98,7 +98,8 @@ def test_draft_model_with_another_tokenizer_is_refused(tmp_path, spec_engine):
 
 @pytest.mark.parametrize("options, message", [
     ({"prompt_lookup_num_tokens": 0}, "prompt_lookup_num_tokens must be a whole number"),
-    ({"max_matching_ngram_size": "two"}, "max_matching_ngram_size must be a whole number")])
+    ({"max_matching_ngram_size": "two"}, "max_matching_ngram_size must be a whole number"),
+    ({"compile": True}, "needs a dynamic KV cache")])
 def test_bad_options_fail_with_a_message(options, message):
     with pytest.raises(EngineError, match=message):
         create_engine("spec", **options)

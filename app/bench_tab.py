@@ -91,9 +91,10 @@ def build(config=None, concurrency_id: str = "engines") -> None:
     status = gr.Markdown(elem_id="bench-status")
     table = gr.Markdown(elem_id="bench-table")
     with gr.Row():
-        speed, memory = gr.Plot(label="Speed"), gr.Plot(label="Memory")
+        speed, memory = gr.Plot(label="Speed", elem_id="bench-speed"), gr.Plot(label="Memory", elem_id="bench-memory")
     with gr.Row():
-        roofline, quality = gr.Plot(label="Roofline"), gr.Plot(label="Quality")
+        roofline = gr.Plot(label="Roofline", elem_id="bench-roofline")
+        quality = gr.Plot(label="Quality", elem_id="bench-quality-plot")
     files = gr.File(label="Results", file_count="multiple", elem_id="bench-files")
 
     def run(engine_names, new_tokens, prompt_length, num_repeats, weights, with_quality):

@@ -37,6 +37,8 @@ class AppConfig:
     chart_interval_s: float = 1.0
     max_queue: int = 16
     export_dir: str | None = None
+    quality_num_tokens: int | None = None   # None: the whole bf16 reference (engines/quality.py)
+    quality_max_prompts: int | None = None
 
 
 class Playground:
@@ -153,10 +155,15 @@ class Playground:
             if pane.status != "done":
                 continue
             try:
-                pane.quality = asdict(evaluate_quality(self.pool.engine(pane.key), reference))
+                report = evaluate_quality(self.pool.engine(pane.key), reference, self.config.quality_num_tokens,
+                                          self.config.quality_max_prompts)
             except EngineError as error:
-                problems.append(f"{pane.key}: {error}")
-        note = "Quality computed against bf16." + (f" Not computed for {'; '.join(problems)}" if problems else "")
+                problems.append(f"not computed for {pane.key}: {error}")
+                continue
+            pane.quality = asdict(report)
+            if report.is_suspect:
+                problems.append(f"⚠️ {pane.key} looks broken: {report.reason}")
+        note = "Quality computed against bf16." + (" " + "; ".join(problems) if problems else "")
         return record, self._summary(record), note
 
     def _quality_reference(self, build_reference):

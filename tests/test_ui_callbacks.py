@@ -194,7 +194,8 @@ def test_export_writes_json_csv_and_chart_images(playground, tmp_path):
 
 
 def test_quality_is_shown_against_bf16_or_says_na(playground):
-    outputs, _ = run_to_end(playground, ["bf16"], max_new_tokens=4)
+    playground.config = AppConfig(quality_num_tokens=8, quality_max_prompts=2)
+    outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=4)
     record, summary, note = playground.quality(outputs[-1][1], True)
     rows = summary_rows(record)
     try:
@@ -202,9 +203,11 @@ def test_quality_is_shown_against_bf16_or_says_na(playground):
     except ImportError:
         assert "n/a" in note and summary[0][-3:] == ["n/a", "n/a", "n/a"]
         return
-    # bf16 judged against its own reference agrees with itself on every token.
-    assert rows[0]["greedy_agreement"] == pytest.approx(1.0) and rows[0]["perplexity"] > 1
-    assert rows[0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # bf16 judged against its own reference agrees with itself on every token, and so does lossless spec.
+    for row in rows:
+        assert row["greedy_agreement"] == pytest.approx(1.0), row
+    assert rows[0]["perplexity"] > 1 and rows[0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert summary[0][-3] == "100.0" and "looks broken" not in note
 
 
 def test_zero_gpu_wraps_the_generation_events_only_on_zero_gpu(monkeypatch):
@@ -240,3 +243,19 @@ def test_load_shows_progress_per_engine_then_unload_forgets_it():
     assert playground.unload()[0] == "No engine was loaded."
     with pytest.raises(EngineError, match="unknown engine"):
         pool.choice("nope")
+
+
+def test_the_app_does_not_slow_down_the_engine_it_measures(bf16_engine):
+    """scripts/ui_overhead.py's measurement, short. The target is 0.97; two noisy shared cores need a
+    looser bound here, and the script reports the real ratio."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "ui_overhead.py"
+    spec = importlib.util.spec_from_file_location("ui_overhead", path)
+    ui_overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ui_overhead)
+    result = ui_overhead.measure(bf16_engine, "bf16", "Once upon a time, in a small village by the sea,",
+                                 max_new_tokens=24, repeats=2)
+    print(result)
+    assert min(result["app_tok_s"]) > 0 and min(result["standalone_tok_s"]) > 0
+    assert result["ratio"] >= 0.8, result

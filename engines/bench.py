@@ -62,7 +62,7 @@ class BenchRow:
     memory_kind: str = ""
     roofline_tok_s: float | None = None
     roofline_frac: float | None = None
-    bytes_per_token_gb: float | None = None
+    read_per_token_gb: float | None = None
     greedy_agreement: float | None = None
     perplexity: float | None = None
     perplexity_ratio: float | None = None
@@ -163,7 +163,7 @@ def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwi
         context = runs[0].num_prompt_tokens + config.max_new_tokens // 2
         roofline = decode_roofline(shape, name, bandwidth.bandwidth_gb_s, context,
                                    options.get("dtype", "bfloat16"))
-        row.roofline_tok_s, row.bytes_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / 1024 ** 3
+        row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / 1024 ** 3
         row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
         try:
             quality.evaluate(engine, row)

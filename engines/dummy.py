@@ -15,6 +15,7 @@ can never emit: every run then generates exactly the tokens asked for.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -70,7 +71,9 @@ def random_model(path: Path, dtype, device: str, attn_implementation: str = "sdp
 def materialize_weights(source: ModelSource, device: str, progress: ProgressCallback | None = None) -> Path:
     """A sibling folder of `source` with random BF16 weights saved once, for loaders that read files only."""
     import torch
-    target = source.path.with_name(source.path.name + "-random-weights")
+    # Keyed by the config's content, so an edited shape under the same name never reuses stale weights.
+    digest = hashlib.sha256((source.path / "config.json").read_bytes()).hexdigest()[:12]
+    target = source.path.with_name(f"{source.path.name}-random-weights-{digest}")
     if (target / "model.safetensors.index.json").is_file() or (target / "model.safetensors").is_file():
         return target
     if progress:

@@ -58,7 +58,7 @@ def test_bench_numbers_are_positive(cli_bench):
     assert [row["engine"] for row in ran] == ["bf16", SECOND_ENGINE]
     for row in ran:
         for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_s", "encode_peak_gb", "generate_peak_gb",
-                    "roofline_tok_s", "roofline_frac", "bytes_per_token_gb"):
+                    "roofline_tok_s", "roofline_frac", "read_per_token_gb"):
             assert row[key] > 0, (row["engine"], key)
         assert 1 <= row["num_tokens"] <= MAX_NEW_TOKENS
         assert row["prefill_tokens"] >= 96
@@ -72,14 +72,16 @@ def test_bench_numbers_are_positive(cli_bench):
 def test_dummy_weights_bench_generates_exactly_n_tokens(tmp_path):
     config_path = tmp_path / "tiny-llama.json"
     config_path.write_text(json.dumps(TINY_LLAMA))
-    result = run_bench(BenchConfig(engines=["bf16"], max_new_tokens=24, prompt_tokens=64, num_repeats=1,
+    # bf16 builds the random model in place; nf4 (bitsandbytes reads files only) gets saved random weights.
+    engines = ["bf16"] + (["nf4"] if "nf4" in AVAILABLE else [])
+    result = run_bench(BenchConfig(engines=engines, max_new_tokens=24, prompt_tokens=64, num_repeats=1,
                                    dummy_config=str(config_path)))
-    (row,) = result.rows
-    assert row.status == "ok", row.reason
-    assert result.model == "dummy:tiny-llama"
-    assert row.num_tokens == 24      # EOS lies outside the shape's vocab, so a random model never stops early
-    assert row.quality_note == "n/a (random weights)" and row.perplexity is None
-    assert row.decode_tok_s > 0 and row.roofline_frac > 0
+    assert result.model == "dummy:tiny-llama" and [row.engine for row in result.rows] == engines
+    for row in result.rows:
+        assert row.status == "ok", row.reason
+        assert row.num_tokens == 24      # EOS lies outside the shape's vocab, so a random model never stops early
+        assert row.quality_note == "n/a (random weights)" and row.perplexity is None
+        assert row.decode_tok_s > 0 and row.roofline_frac > 0
 
 
 def test_prompt_stays_inside_a_smaller_vocabulary(bf16_engine):

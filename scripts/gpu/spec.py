@@ -102,7 +102,7 @@ def main() -> int:
         configurations.append({"draft_model": args.draft_model})
     rows = [row for options in configurations for row in measure_engine(options, args)]
     import torch
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else args.device
     header = (f"{device_name} | torch {torch.__version__} | bf16 | {args.max_new_tokens} greedy tokens, "
               f"median decode tok/s of {args.repeats} alternating runs per mode")
     print("\n" + markdown(rows, header))

@@ -105,7 +105,7 @@ def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
         started = time.perf_counter()
         _say(progress, f"gptq-int4: quantizing {source.name} to {settings.bits}-bit GPTQ, group size "
                        f"{settings.group_size}, {settings.num_calibration_samples} calibration samples on {device} "
-                       "(first use only; about 2 minutes on 2 CPU cores)")
+                       f"(first use only{'; about 2 minutes on 2 CPU cores' if device == 'cpu' else ''})")
         try:
             _quantize(source, settings, device, staging)
             _write_manifest(staging, settings, time.perf_counter() - started)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from engines.models import default_model_name
 from engines.protocol import EngineError
 from engines.quality import (MAX_PERPLEXITY, QualityReference, build_reference, evaluate_quality, judge,
                              perplexity_text, quality_prompts, reference_path, token_agreement)
@@ -22,7 +23,7 @@ def test_reference_holds_greedy_ids_and_a_sane_perplexity(bf16_engine, quality_r
     assert quality_reference.prompts == quality_prompts() and len(quality_reference.prompts) >= 6
     assert all(1 <= len(ids) <= 32 for ids in quality_reference.token_ids)
     assert 1.0 < quality_reference.perplexity < 40, "Gemma-3-270M scores plain prose well below 40 with BOS"
-    path = reference_path(bf16_engine.model_name or "gemma-3-270m", bf16_engine.device, 32)
+    path = reference_path(bf16_engine.model_name or default_model_name(), bf16_engine.device, 32)
     assert QualityReference.load(path) == quality_reference
     before = path.stat().st_mtime_ns
     assert build_reference(bf16_engine, num_tokens=32) == quality_reference

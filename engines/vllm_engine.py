@@ -5,14 +5,11 @@ back through a queue, so callers see a plain iterator. Outputs come as deltas (R
 each carries the new token ids, so one speculative step that accepts three tokens is one event of
 three tokens. Closing the iterator cancels the request's task, and vLLM's generate() aborts the
 request in the engine core on that cancellation. KV and speculative counters come from this engine's
-own stat logger (engines/vllm_stats.py); memory is read over the process tree, since the engine core
-is a child process.
+own stat logger; memory is read over the process tree, since the engine core is a child process.
+Options and everything else that faces vLLM's configuration live in engines/vllm_support.py.
 
-Options: kv_cache_dtype (auto|fp8|fp8_e4m3|fp8_e5m2), gpu_memory_utilization (this engine's share of
-the GPU), kv_cache_gb (fixed KV size; on CPU the default is 1 GiB or VLLM_CPU_KVCACHE_SPACE),
-max_model_len (default 4096), max_num_seqs, block_size, enforce_eager, enable_prefix_caching, dtype,
-load_format, seed, and for speculation: speculative (ngram|draft|eagle|eagle3), num_speculative_tokens,
-prompt_lookup_min/max (ngram), draft_model (draft or EAGLE head, resolved like the target).
+For other modules: `last_token_ids` (of the latest stream), `perplexity(text)`, `run_concurrent()`
+(many requests at once, for the load command), `kv_stats()`, `num_unfinished_requests()`, `load_s`.
 """
 from __future__ import annotations
 
@@ -20,7 +17,6 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import queue
 import threading
 import time
@@ -31,31 +27,12 @@ from engines.models import ModelSource, resolve_model
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, validate_prompt)
 from engines.registry import has_gpu
-from engines.telemetry import GB, GenerationRecorder, MemoryProbe, nvml_device_used_gb
+from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb
+from engines.vllm_support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
+                                  stat_logger_factory)
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-SPECULATIVE_METHODS = ("ngram", "draft", "eagle", "eagle3")
-DEFAULT_MAX_MODEL_LEN = 4096
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.3
-DEFAULT_CPU_KV_CACHE_GB = 1.0
-ENGINE_ARG_OPTIONS = ("max_num_seqs", "block_size", "enforce_eager", "enable_prefix_caching", "dtype",
-                      "load_format", "seed")
-OWN_OPTIONS = ("kv_cache_dtype", "gpu_memory_utilization", "kv_cache_gb", "max_model_len", "speculative",
-               "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_model", "device")
-# Transformers-only options a shared CLI or bench may pass to every engine; they mean nothing to vLLM.
-IGNORED_OPTIONS = ("attn_implementation", "compile", "dummy_weights")
 _DONE = object()
 _request_numbers = itertools.count()
-
-
-def fp8_kv_unavailable_reason(head_dim: int | None) -> str | None:
-    """vLLM's own CPU rule (v1/attention/backends/cpu_attn.py _get_attn_isa), checked before loading."""
-    import torch
-    if head_dim is not None and head_dim % 32 != 0 and head_dim % 16 == 0:
-        return f"FP8 KV cache on CPU requires head_size divisible by 32; this model's is {head_dim}"
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        return "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
-    return None
 
 
 @dataclass
@@ -72,23 +49,9 @@ class VllmEngine:
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
         self.name = name
         self.model_name = model
-        self.options = dict(options or {})
-        unknown = sorted(set(self.options) - set(ENGINE_ARG_OPTIONS) - set(OWN_OPTIONS) - set(IGNORED_OPTIONS))
-        if unknown:
-            raise EngineError(f"{name}: unknown option(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(OWN_OPTIONS + ENGINE_ARG_OPTIONS)}")
-        self.kv_cache_dtype = str(self.options.get("kv_cache_dtype", "auto"))
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise EngineError(f"{name}: kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                              f"got '{self.kv_cache_dtype}'")
-        self.speculative = self.options.get("speculative")
-        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
-            raise EngineError(f"{name}: speculative must be one of {', '.join(SPECULATIVE_METHODS)}, "
-                              f"got '{self.speculative}'")
-        if self.speculative in ("draft", "eagle", "eagle3") and not self.options.get("draft_model"):
-            raise EngineError(f"{name}: speculative={self.speculative} needs the option draft_model")
-        self.device = self.options.get("device") or ("cuda" if has_gpu() else "cpu")
-        self.max_model_len = int(self.options.get("max_model_len", DEFAULT_MAX_MODEL_LEN))
+        self.options = VllmOptions.from_dict(name, dict(options or {}))
+        self.device = self.options.device or ("cuda" if has_gpu() else "cpu")
+        self.max_model_len = self.options.max_model_len
         self.source: ModelSource | None = None
         self.tokenizer = None
         self.telemetry = None
@@ -114,12 +77,11 @@ class VllmEngine:
         self.source = resolve_model(self.model_name, progress)
         config = json.loads((self.source.path / "config.json").read_text())
         head_dim = config.get("head_dim") or config.get("text_config", {}).get("head_dim")
-        if self.device == "cpu" and self.kv_cache_dtype != "auto":
+        if self.device == "cpu" and self.options.kv_cache_dtype != "auto":
             reason = fp8_kv_unavailable_reason(head_dim)
             if reason:
                 raise EngineUnavailable(f"{self.name}: {reason}")
         from transformers import AutoTokenizer
-        from engines.vllm_stats import KvTelemetry, stat_logger_factory
         self.tokenizer = AutoTokenizer.from_pretrained(self.source.path)
         self.telemetry = KvTelemetry()
         baseline_gb = nvml_device_used_gb() if self.device != "cpu" else None
@@ -128,10 +90,12 @@ class VllmEngine:
         self._loop_thread.start()
         if progress:
             progress(f"{self.name}: starting vLLM on {self.device} for {self.source.name} "
-                     f"(KV {self.kv_cache_dtype}, max_model_len {self.max_model_len})")
+                     f"(KV {self.options.kv_cache_dtype}, max_model_len {self.max_model_len})")
         started = time.perf_counter()
+        draft = resolve_model(self.options.draft_model, progress) if self.options.draft_model else None
+        engine_args = self.options.to_engine_args(str(self.source.path), self.device, draft and str(draft.path))
         try:
-            self._llm = self._call(self._create(self._engine_args(), stat_logger_factory(self.telemetry)))
+            self._llm = self._call(self._create(engine_args, stat_logger_factory(self.telemetry)))
         except Exception as error:
             self._stop_loop()
             raise EngineError(f"{self.name}: vLLM could not load {self.source.name}: {_describe(error)}") from error
@@ -141,35 +105,6 @@ class VllmEngine:
         if progress:
             progress(f"{self.name}: ready in {self.load_s:.0f} s, {self.telemetry.kv_blocks_total} KV blocks "
                      f"of {self.telemetry.kv_block_size} tokens")
-
-    def _engine_args(self):
-        from vllm import AsyncEngineArgs
-        args = {key: self.options[key] for key in ENGINE_ARG_OPTIONS if key in self.options}
-        args.update(model=str(self.source.path), tokenizer=str(self.source.path), max_model_len=self.max_model_len,
-                    kv_cache_dtype=self.kv_cache_dtype, disable_log_stats=False)
-        kv_cache_gb = self.options.get("kv_cache_gb")
-        if kv_cache_gb is None and self.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv_cache_gb = DEFAULT_CPU_KV_CACHE_GB
-        if kv_cache_gb is not None:
-            args["kv_cache_memory_bytes"] = int(float(kv_cache_gb) * GB)
-        else:
-            args["gpu_memory_utilization"] = float(self.options.get("gpu_memory_utilization",
-                                                                    DEFAULT_GPU_MEMORY_UTILIZATION))
-        if self.speculative:
-            args["speculative_config"] = self._speculative_config()
-        return AsyncEngineArgs(**args)
-
-    def _speculative_config(self) -> dict:
-        config = {"num_speculative_tokens": int(self.options.get("num_speculative_tokens", 4))}
-        if self.speculative == "ngram":
-            config.update(method="ngram", prompt_lookup_min=int(self.options.get("prompt_lookup_min", 2)),
-                          prompt_lookup_max=int(self.options.get("prompt_lookup_max", 4)))
-        else:
-            draft = resolve_model(str(self.options["draft_model"]))
-            config.update(model=str(draft.path))
-            if self.speculative != "draft":
-                config["method"] = self.speculative
-        return config
 
     async def _create(self, engine_args, logger_factory):
         # Built inside the loop so that AsyncLLM's output handler task belongs to this loop.
@@ -284,6 +219,10 @@ class VllmEngine:
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
 
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM still holds; 0 after a closed stream shows that the abort reached the engine."""
+        return num_unfinished_requests(self._llm) if self._llm is not None else 0
+
     def kv_stats(self) -> dict:
         """The engine's KV and speculative counters right now (EngineStats field names)."""
         return self.telemetry.snapshot() if self.telemetry else {}
@@ -291,10 +230,15 @@ class VllmEngine:
     def unload(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
+            # Cancelling the output handler first keeps it from reporting the engine core's exit as a crash.
+            self._call(_cancel_pending_tasks())
             llm.shutdown()
         self._stop_loop()
         import gc
+        import multiprocessing
         gc.collect()
+        # vLLM kills a stuck engine core without joining it; polling the children reaps the zombie.
+        multiprocessing.active_children()
 
     def _stop_loop(self) -> None:
         if self._loop is not None:

@@ -140,17 +140,22 @@ class Playground:
 
     # Quality and export --------------------------------------------------------------------------
     def quality(self, record: RunRecord | None, is_enabled: bool):
-        """Greedy agreement and perplexity against bf16 (engines/quality.py), for the finished panes."""
+        """Greedy agreement and perplexity against bf16 (engines/quality.py), for the finished panes.
+        A generator, so the page says that quality is being computed while it is."""
         if record is None or record.is_load_only or not is_enabled:
-            return gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
         if importlib.util.find_spec("engines.quality") is None:
-            return record, self._summary(record), "Quality: n/a (engines/quality.py is not in this build yet)."
+            yield record, self._summary(record), "Quality: n/a (engines/quality.py is not in this build yet)."
+            return
         from engines.quality import build_reference, evaluate_quality
+        yield gr.skip(), gr.skip(), "Computing quality against bf16 (greedy agreement, perplexity)…"
         problems = []
         try:
             reference = self._quality_reference(build_reference)
         except EngineError as error:
-            return record, self._summary(record), f"Quality: n/a ({error})"
+            yield record, self._summary(record), f"Quality: n/a ({error})"
+            return
         for pane in record.panes:
             if pane.status != "done":
                 continue
@@ -163,8 +168,8 @@ class Playground:
             pane.quality = asdict(report)
             if report.is_suspect:
                 problems.append(f"⚠️ {pane.key} looks broken: {report.reason}")
-        note = "Quality computed against bf16." + (" " + "; ".join(problems) if problems else "")
-        return record, self._summary(record), note
+        yield record, self._summary(record), "Quality computed against bf16." + (" " + "; ".join(problems)
+                                                                                 if problems else "")
 
     def _quality_reference(self, build_reference):
         with self._reference_lock:

@@ -112,7 +112,7 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                                  [prompt, max_new_tokens, temperature, seed, mode, picker], run_outputs,
                                  concurrency_id=ENGINE_QUEUE)
     run_event.then(playground.quality, [record, compute_quality], [record, summary, status],
-                   concurrency_id=ENGINE_QUEUE)
+                   concurrency_id=ENGINE_QUEUE, show_progress="hidden")
     stop_button.click(playground.stop, None, [status], cancels=[run_event, load_event], queue=False) \
         .then(playground.after_stop, [record], run_outputs, queue=False)
     unload_button.click(playground.unload, None, [status, loaded], concurrency_id=ENGINE_QUEUE)

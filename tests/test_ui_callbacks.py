@@ -9,6 +9,7 @@ import sys
 import time
 import types
 
+import gradio as gr
 import plotly.graph_objects as go
 import pytest
 
@@ -196,7 +197,8 @@ def test_export_writes_json_csv_and_chart_images(playground, tmp_path):
 def test_quality_is_shown_against_bf16_or_says_na(playground):
     playground.config = AppConfig(quality_num_tokens=8, quality_max_prompts=2)
     outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=4)
-    record, summary, note = playground.quality(outputs[-1][1], True)
+    assert all(output == gr.skip() for output in list(playground.quality(outputs[-1][1], False))[0])
+    record, summary, note = list(playground.quality(outputs[-1][1], True))[-1]
     rows = summary_rows(record)
     try:
         import engines.quality  # noqa: F401

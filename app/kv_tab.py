@@ -54,8 +54,9 @@ def build(config=None) -> None:
         vram_gb = gr.Number(80, label="Memory for KV (GiB)", elem_id="kv-vram-gb")
         context_tokens = gr.Number(8192, label="Context (tokens)", precision=0, elem_id="kv-context")
         button = gr.Button("Calculate", variant="primary", scale=0, elem_id="kv-calculate")
-    report = gr.Markdown(elem_id="kv-report")
-    chart = gr.Plot(label="KV size over context", elem_id="kv-chart")
+    initial_report, initial_chart = calculate_kv(config_name.value, vram_gb.value, context_tokens.value)
+    report = gr.Markdown(initial_report, elem_id="kv-report")
+    chart = gr.Plot(initial_chart, label="KV size over context", elem_id="kv-chart")
     inputs, outputs = [config_name, vram_gb, context_tokens], [report, chart]
     button.click(calculate_kv, inputs, outputs)
     config_name.change(calculate_kv, inputs, outputs)

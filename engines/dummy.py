@@ -28,10 +28,6 @@ DUMMY_PREFIX = "dummy:"
 RANDOM_WEIGHTS_NOTE = "n/a (random weights)"
 
 
-def is_dummy(model: str | None) -> bool:
-    return bool(model) and model.startswith(DUMMY_PREFIX)
-
-
 def provision_dummy(config_name: str, progress: ProgressCallback | None = None) -> ModelSource:
     """A weightless checkpoint folder for a shipped shape name or a config.json path."""
     name, config = load_config(config_name)

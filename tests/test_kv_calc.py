@@ -121,9 +121,13 @@ def test_kv_tab_in_a_real_browser():
             config_box.press("Enter")
             page.locator("#kv-context input").fill("4096")
             page.locator("#kv-calculate").click()
-            page.wait_for_selector("#kv-report table", timeout=30_000)
+            assert "llama-3-8b" in page.locator("#kv-report").inner_text()   # the default shape, shown on load
+            page.wait_for_function("document.querySelector('#kv-report').innerText.includes('llama-2-7b')",
+                                   timeout=30_000)
+            page.wait_for_function("document.querySelector('#kv-report').innerText.includes('at 4,096 tokens')",
+                                   timeout=30_000)
             report = page.locator("#kv-report").inner_text()
-            assert "512.0 KiB" in report and "2.0 GiB" in report
+            assert "512.0 KiB" in report and "2.0 GiB" in report and "GQA" not in report
             page.locator("#kv-vram-gb input").fill("-5")
             page.locator("#kv-calculate").click()
             page.wait_for_function("document.querySelector('#kv-report').innerText.includes('Cannot calculate')",

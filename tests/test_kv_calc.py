@@ -116,12 +116,12 @@ def test_kv_tab_in_a_real_browser():
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
             page = browser.new_page()
             page.goto(demo.local_url)
+            assert "llama-3-8b" in page.locator("#kv-report").inner_text()   # the default shape, shown on load
             config_box = page.locator("#kv-config input")
             config_box.fill("llama-2-7b")
             config_box.press("Enter")
             page.locator("#kv-context input").fill("4096")
             page.locator("#kv-calculate").click()
-            assert "llama-3-8b" in page.locator("#kv-report").inner_text()   # the default shape, shown on load
             page.wait_for_function("document.querySelector('#kv-report').innerText.includes('llama-2-7b')",
                                    timeout=30_000)
             page.wait_for_function("document.querySelector('#kv-report').innerText.includes('at 4,096 tokens')",

@@ -19,6 +19,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 STYLE_PATH = ASSETS / "style.css"
 PANES_PER_ROW = 3
 ENGINE_QUEUE = "engines"
+SUMMARY_COLUMN_WIDTHS = ["10%", "8%", "6%", "7%", "8%", "8%", "10%", "8%", "8%", "10%", "8%", "9%"]
 
 
 def sample_prompts() -> list[str]:
@@ -95,7 +96,7 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                  for figure, (name, label) in zip(charts.run_figures([]).values(),
                                                   (("tokens", "tokens/s"), ("memory", "memory"), ("kv", "KV blocks")))]
     summary = gr.Dataframe(headers=text.SUMMARY_HEADERS, label="Summary (after the run)", interactive=False,
-                           wrap=True, elem_id="summary")
+                           wrap=True, column_widths=SUMMARY_COLUMN_WIDTHS, elem_id="summary")
     with gr.Row(elem_id="export-row"):
         export_button = gr.Button("Export run (JSON, CSV, chart images)", scale=0, min_width=260, elem_id="export")
         export_note = gr.Markdown("", elem_id="export-note")

@@ -69,6 +69,18 @@ def test_picker_lists_every_registry_engine_and_greys_out_the_unavailable():
             assert f'data-engine="{choice.key}"' not in listing
 
 
+def test_picking_engines_shows_one_titled_pane_each_up_to_the_limit(playground):
+    keys = [choice.key for choice in build_choices()][:7]
+    note, *rest = playground.select(keys)
+    columns, titles = rest[:6], rest[6:]
+    assert [column["visible"] for column in columns] == [True] * 6
+    assert "Only the first 6 engines" in note and "1 left out" in note
+    assert all(f"`{key}`" in title for key, title in zip(keys, titles))
+    note, *rest = playground.select(["spec"])
+    assert note == "" and [column["visible"] for column in rest[:6]] == [True] + [False] * 5
+    assert "Speculative" in rest[6] and rest[7] == ""
+
+
 def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16_engine):
     outputs, _ = run_to_end(playground, ["bf16", "spec"])
     final = outputs[-1]

@@ -6,6 +6,7 @@ ZeroGPU Space the generation events run under spaces.GPU (app/hosting.py).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from app.callbacks import AppConfig  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description="Serve the playground as a Hugging Face Space: 0.0.0.0, port $PORT "
+                                        "(7860), model $PLAYGROUND_MODEL. Locally, use `python -m app`.").parse_args()
     config = AppConfig(model=os.environ.get("PLAYGROUND_MODEL"), host="0.0.0.0",
                        port=int(os.environ.get("PORT", DEFAULT_PORT)))
     demo, options = create(config)

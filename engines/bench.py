@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from engines.bench_quality import QualityColumns
 from engines.dummy import DUMMY_PREFIX, is_token_id_in_vocab, materialize_weights
 from engines.model_shape import load_shape
-from engines.models import resolve_model
+from engines.models import resolve_model, trust_remote_code
 from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback
 from engines.registry import create_engine, get_spec, has_gpu, unavailable_reason
 from engines.roofline import decode_roofline, measure_bandwidth
@@ -116,7 +116,7 @@ def run_bench(config: BenchConfig, progress: ProgressCallback | None = None) -> 
     source = resolve_model(model_name, say)
     shape = load_shape(str(source.path))
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code())
     short_prompt = " ".join(build_prompt(tokenizer, 64, shape.vocab_size).split()[:SHORT_PROMPT_WORDS])
     long_prompt = build_prompt(tokenizer, config.prompt_tokens, shape.vocab_size)
     say(f"measuring {device} memory bandwidth")

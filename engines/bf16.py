@@ -15,11 +15,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from engines.models import ModelSource, resolve_model
+from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, validate_prompt)
 from engines.registry import has_gpu
-from engines.telemetry import GenerationRecorder, MemoryProbe
+from engines.telemetry import GenerationRecorder, MemoryProbe, release_freed_memory
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # PyTorch SDPA's own kernels (torch.nn.attention.SDPBackend names); "auto" lets PyTorch choose.
@@ -107,7 +107,7 @@ class TransformersEngine:
         from transformers import AutoTokenizer
         if progress:
             progress(f"{self.name}: loading {self.source.name} on {self.device}")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
         try:
             self.model = self._load_model(self.source, progress).eval()
         except EngineError:
@@ -135,8 +135,8 @@ class TransformersEngine:
             from engines.dummy import random_model
             model = random_model(source.path, self._torch_dtype(), self.device, attn)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(),
-                                                         attn_implementation=attn).to(self.device)
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(), attn_implementation=attn,
+                                                         trust_remote_code=trust_remote_code()).to(self.device)
         if self.options.get("compile"):
             # A static cache gives torch.compile fixed shapes; generate() then compiles the forward.
             model.generation_config.cache_implementation = "static"
@@ -264,8 +264,7 @@ class TransformersEngine:
             self._executor = None
         self.model = None
         self.tokenizer = None
-        import gc
-        gc.collect()
+        release_freed_memory()
         if self.device != "cpu":
             import torch
             torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ embedding is large (Gemma-3-270M's is two thirds of its parameters).
 from __future__ import annotations
 
 from engines.bf16 import TransformersEngine
-from engines.models import ModelSource
+from engines.models import ModelSource, trust_remote_code
 from engines.protocol import EngineError, ProgressCallback
 
 
@@ -37,4 +37,4 @@ class BitsAndBytesEngine(TransformersEngine):
             progress(f"{self.name}: quantizing the weights to {'NF4' if self.bits == 4 else 'INT8'} while loading")
         return AutoModelForCausalLM.from_pretrained(
             source.path, quantization_config=config, dtype=self._torch_dtype(), device_map=self.device,
-            attn_implementation=self.options.get("attn_implementation", "sdpa"))
+            attn_implementation=self.options.get("attn_implementation", "sdpa"), trust_remote_code=trust_remote_code())

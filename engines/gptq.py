@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.bf16 import TransformersEngine
-from engines.models import ASSETS, ModelSource, cache_dir
+from engines.models import ASSETS, ModelSource, cache_dir, trust_remote_code
 from engines.protocol import EngineError, ProgressCallback
 
 CALIBRATION_PATH = ASSETS / "calibration.txt"
@@ -120,7 +120,7 @@ def _quantize(source: ModelSource, settings: GptqSettings, device: str, out_dir:
     with library_output_to_stderr():
         from gptqmodel import GPTQModel, QuantizeConfig
         config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
-        model = GPTQModel.load(str(source.path), config, device=device)
+        model = GPTQModel.load(str(source.path), config, device=device, trust_remote_code=trust_remote_code())
         model.quantize(calibration_samples(settings.num_calibration_samples), batch_size=1)
         model.save(str(out_dir))
     # GPTQModel saves the tokenizer it normalised; ours (BOS on, as Gemma needs) is the one to keep.
@@ -189,7 +189,7 @@ class GptqEngine(TransformersEngine):
             try:
                 with library_output_to_stderr():
                     wrapper = GPTQModel.load(str(self.checkpoint_path), device=self.device, backend=backend,
-                                             dtype=self._torch_dtype())
+                                             dtype=self._torch_dtype(), trust_remote_code=trust_remote_code())
             except Exception as error:
                 failures.append(f"{backend}: {type(error).__name__}: {str(error).strip()[:200]}")
                 continue

@@ -69,14 +69,18 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
     name_or_path = (name_or_path or "").strip()
     if not name_or_path:
         raise EngineError(f"name a model config: one of {', '.join(available_configs())}, or a path")
-    shipped = CONFIGS_DIR / f"{name_or_path.removesuffix('.json')}.json"
+    # Only a listed name maps into assets/configs/, so "../" in a name cannot reach another file there.
+    is_shipped = name_or_path.removesuffix(".json") in available_configs()
     path = Path(name_or_path).expanduser()
-    if shipped.is_file():
-        path = shipped
+    from engines.models import check_path_allowed, model_config
+    if not is_shipped and name_or_path not in model_config().get("models", {}):
+        check_path_allowed(path, "config path")
+    if is_shipped:
+        path = CONFIGS_DIR / f"{name_or_path.removesuffix('.json')}.json"
     elif path.is_dir():
         path = path / "config.json"
     elif not path.is_file():
-        from engines.models import model_config, resolve_model
+        from engines.models import resolve_model
         if name_or_path not in model_config().get("models", {}):
             raise EngineError(f"config '{name_or_path}' not found: not one of {', '.join(available_configs())}, "
                               "not a config.json or checkpoint folder, not a known model name")

@@ -8,6 +8,10 @@ Every model goes through `resolve_model()`:
 - "dummy:<shape>": a config of a real architecture with a tokenizer and no weights (engines/dummy.py).
 vLLM, bitsandbytes and GPTQModel all read the resulting directory. Gemma needs BOS, and the GGUF
 tokenizer does not add it, so converted tokenizers are saved with add_bos_token on.
+
+Operator settings (README, "Operating it safely"): a checkpoint's own Python code runs only with
+PLAYGROUND_TRUST_REMOTE_CODE=1; when hosted (PLAYGROUND_HOSTED=1, or SPACE_ID set by Hugging Face
+Spaces) a model must be named in PLAYGROUND_ALLOWED_MODELS or lie under PLAYGROUND_ALLOWED_MODEL_DIRS.
 """
 from __future__ import annotations
 
@@ -48,6 +52,55 @@ def default_model_name() -> str:
     return os.environ.get("PLAYGROUND_MODEL") or model_config()["default"]
 
 
+def trust_remote_code() -> bool:
+    """Whether checkpoints may run their own Python code (transformers' and vLLM's trust_remote_code)."""
+    return os.environ.get("PLAYGROUND_TRUST_REMOTE_CODE") == "1"
+
+
+def is_hosted() -> bool:
+    return os.environ.get("PLAYGROUND_HOSTED") == "1" or bool(os.environ.get("SPACE_ID"))
+
+
+def allowed_models() -> list[str]:
+    """Model names a hosted playground accepts: PLAYGROUND_ALLOWED_MODELS (comma-separated), else the
+    default model only."""
+    listed = [name.strip() for name in os.environ.get("PLAYGROUND_ALLOWED_MODELS", "").split(",") if name.strip()]
+    return listed or [default_model_name()]
+
+
+def allowed_model_dirs() -> list[Path]:
+    """Folders whose checkpoints a hosted playground may read: PLAYGROUND_ALLOWED_MODEL_DIRS (os.pathsep-
+    separated); none unless the operator names some."""
+    folders = os.environ.get("PLAYGROUND_ALLOWED_MODEL_DIRS", "").split(os.pathsep)
+    return [Path(folder).expanduser().resolve() for folder in folders if folder.strip()]
+
+
+def _is_under_allowed_dir(path: Path) -> bool:
+    resolved = Path(path).expanduser().resolve()  # symlinks and '..' resolved before the comparison
+    return any(resolved.is_relative_to(folder) for folder in allowed_model_dirs())
+
+
+def _allowed_dirs_text() -> str:
+    return ", ".join(str(folder) for folder in allowed_model_dirs()) or "none"
+
+
+def check_path_allowed(path: Path, what: str) -> None:
+    """When hosted, refuse a local path outside the allowed folders, whether or not it exists (so the
+    message does not reveal which files are there)."""
+    if is_hosted() and not _is_under_allowed_dir(path):
+        raise EngineError(f"{what} '{path}' is outside the folders this hosted playground may read "
+                          f"(PLAYGROUND_ALLOWED_MODEL_DIRS: {_allowed_dirs_text()})")
+
+
+def check_model_allowed(name: str) -> None:
+    """When hosted, a model must be on the operator's allow-list or a folder under an allowed one."""
+    if not is_hosted() or name in allowed_models() or _is_under_allowed_dir(Path(name)):
+        return
+    raise EngineError(f"model '{name}' is not allowed on this hosted playground; allowed: "
+                      f"{', '.join(allowed_models())} (PLAYGROUND_ALLOWED_MODELS) and folders under "
+                      f"{_allowed_dirs_text()} (PLAYGROUND_ALLOWED_MODEL_DIRS)")
+
+
 def _say(progress: ProgressCallback | None, message: str) -> None:
     if progress is not None:
         progress(message)
@@ -57,9 +110,10 @@ def resolve_model(name: str | None = None, progress: ProgressCallback | None = N
     """Return a local checkpoint for `name`, provisioning it on first use. Raises EngineError naming
     the model when it cannot be found."""
     name = (name or default_model_name()).strip()
-    if name.startswith("dummy:"):
+    if name.startswith("dummy:"):  # shipped shapes; a config path is checked by model_shape.load_config
         from engines.dummy import provision_dummy
         return provision_dummy(name.removeprefix("dummy:"), progress)
+    check_model_allowed(name)
     known = model_config().get("models", {})
     if name in known:
         entry = known[name]

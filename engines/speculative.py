@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from engines.bf16 import TransformersEngine, _describe
-from engines.models import ModelSource, resolve_model
+from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import EngineError, GenerationParams, ProgressCallback
 from engines.telemetry import GenerationRecorder
 
@@ -104,7 +104,7 @@ class SpeculativeEngine(TransformersEngine):
     def _load_draft(self, name: str, progress: ProgressCallback | None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.draft_source = resolve_model(name, progress)
-        draft_tokenizer = AutoTokenizer.from_pretrained(self.draft_source.path)
+        draft_tokenizer = AutoTokenizer.from_pretrained(self.draft_source.path, trust_remote_code=trust_remote_code())
         reason = tokenizer_mismatch(self.tokenizer, draft_tokenizer)
         if reason:
             raise EngineError(f"{self.name}: draft model '{name}' cannot draft for '{self.source.name}': {reason}. "
@@ -114,7 +114,8 @@ class SpeculativeEngine(TransformersEngine):
         try:
             draft = AutoModelForCausalLM.from_pretrained(
                 self.draft_source.path, dtype=self._torch_dtype(),
-                attn_implementation=self.options.get("attn_implementation", "sdpa")).to(self.device)
+                attn_implementation=self.options.get("attn_implementation", "sdpa"),
+                trust_remote_code=trust_remote_code()).to(self.device)
         except Exception as error:
             raise EngineError(f"{self.name}: could not load draft model {name}: {_describe(error)}") from error
         if self.options.get("num_assistant_tokens"):

@@ -107,6 +107,23 @@ class MemoryProbe:
         return torch.cuda.max_memory_allocated() / GB
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS. glibc keeps freed arenas mapped, so
+    without malloc_trim an unloaded model's memory stays in the RSS (about 150 MiB of the embedded
+    model's 850 MiB, measured) although nothing uses it."""
+    import ctypes
+    import ctypes.util
+    import gc
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name) if libc_name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; musl and macOS lack it
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def _rss(pid: int) -> int:
     try:
         return psutil.Process(pid).memory_info().rss

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from engines.models import ModelSource, resolve_model
+from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, validate_prompt)
 from engines.registry import has_gpu
@@ -86,7 +86,7 @@ class VllmEngine:
             if reason:
                 raise EngineUnavailable(f"{self.name}: {reason}")
         from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
         self.telemetry = KvTelemetry()
         baseline_gb = nvml_device_used_gb() if self.device != "cpu" else None
         self._loop = asyncio.new_event_loop()

@@ -22,6 +22,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from engines.models import trust_remote_code
 from engines.protocol import EngineError
 from engines.telemetry import GB
 
@@ -84,7 +85,7 @@ class VllmOptions:
     def to_engine_args(self, model_path: str, device: str, draft_path: str | None):
         from vllm import AsyncEngineArgs
         args = dict(self.engine_args, model=model_path, tokenizer=model_path, max_model_len=self.max_model_len,
-                    kv_cache_dtype=self.kv_cache_dtype, disable_log_stats=False)
+                    kv_cache_dtype=self.kv_cache_dtype, disable_log_stats=False, trust_remote_code=trust_remote_code())
         kv_cache_gb = self.kv_cache_gb
         if kv_cache_gb is None and device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kv_cache_gb = DEFAULT_CPU_KV_CACHE_GB

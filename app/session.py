@@ -92,6 +92,16 @@ class EnginePool:
         with self._lock:
             return sorted(self._loaded)
 
+    def unload(self, key: str) -> bool:
+        """Unload one engine and forget it, so its next run loads afresh (a reload after a fault)."""
+        with self._lock:
+            engine = self._engines.pop(key, None)
+            was_loaded = key in self._loaded
+            self._loaded.discard(key)
+        if engine is not None:
+            engine.unload()
+        return was_loaded
+
     def unload_all(self) -> list[str]:
         """Unload every engine and forget it, so the next run loads afresh (a reload)."""
         with self._lock:

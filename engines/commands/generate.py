@@ -6,12 +6,16 @@ import sys
 
 from engines.commands.common import (add_generation_arguments, add_model_arguments, engine_options,
                                      generation_params, progress_to_stderr)
+from engines.protocol import EngineError, validate_prompt
 from engines.registry import create_engine
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--engine", required=True, help="variant name (see `python -m engines list`)")
-    parser.add_argument("--prompt", required=True, help="the prompt text")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", metavar="PATH",
+                        help="read the prompt from a UTF-8 text file, or from stdin with '-' (long prompts)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, tokens, ttft_s, decode_tok_s, itl_ms, memory)")
     parser.add_argument("--quality", action="store_true",
@@ -23,12 +27,27 @@ def add_arguments(parser) -> None:
     add_generation_arguments(parser)
 
 
+def read_prompt(args):
+    """The prompt, checked before any model loads. A file is read as bytes, so that invalid UTF-8 is
+    reported as such and not replaced on the way in."""
+    if args.prompt_file is None:
+        return validate_prompt(args.prompt)
+    if args.prompt_file == "-":
+        return validate_prompt(sys.stdin.buffer.read())
+    try:
+        with open(args.prompt_file, "rb") as handle:
+            return validate_prompt(handle.read())
+    except OSError as error:
+        raise EngineError(f"cannot read the prompt file: {error.strerror}: {args.prompt_file}") from None
+
+
 def run(args) -> int:
     params = generation_params(args)
+    prompt = read_prompt(args)
     engine = create_engine(args.engine, model=args.model, **engine_options(args))
     engine.load(progress=progress_to_stderr)
     pieces = []
-    for event in engine.stream(args.prompt, params):
+    for event in engine.stream(prompt, params):
         pieces.append(event.text)
         if not args.json:
             print(event.text, end="", flush=True)

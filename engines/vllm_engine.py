@@ -88,6 +88,11 @@ class VllmEngine:
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
         self.telemetry = KvTelemetry()
+        draft = resolve_model(self.options.draft_model, progress) if self.options.draft_model else None
+        try:
+            engine_args = self.options.to_engine_args(str(self.source.path), self.device, draft and str(draft.path))
+        except Exception as error:
+            raise EngineError(f"{self.name}: vLLM refused the options: {_describe(error)}") from error
         baseline_gb = nvml_device_used_gb() if self.device != "cpu" else None
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"{self.name}-loop", daemon=True)
@@ -96,8 +101,6 @@ class VllmEngine:
             progress(f"{self.name}: starting vLLM on {self.device} for {self.source.name} "
                      f"(KV {self.options.kv_cache_dtype}, max_model_len {self.max_model_len})")
         started = time.perf_counter()
-        draft = resolve_model(self.options.draft_model, progress) if self.options.draft_model else None
-        engine_args = self.options.to_engine_args(str(self.source.path), self.device, draft and str(draft.path))
         try:
             self._llm = self._call(self._create(engine_args, stat_logger_factory(self.telemetry)))
         except Exception as error:

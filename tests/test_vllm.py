@@ -141,6 +141,10 @@ def vllm_spec_engine():
     engine.unload()
 
 
+# Measured divergence: on "Write a short essay about the history of the printing press." vllm-spec parts
+# from vllm at token 21 in BF16, where vllm's own top logprobs are -2.014, -2.014, -2.139 (a near-tie
+# within one BF16 step) and the 5-token verification pass rounds differently from a 1-token decode;
+# with dtype=float32 both engines give the same 32 tokens there. These prompts hold in BF16.
 @pytest.mark.parametrize("prompt", [REPETITIVE_PROMPT, PROMPT], ids=["repetitive", "free-form"])
 def test_speculative_greedy_output_is_identical_to_vllm(vllm_engine, vllm_spec_engine, prompt):
     spec_text, spec_events, spec_stats = run_stream(vllm_spec_engine, prompt, max_new_tokens=48)

@@ -107,13 +107,15 @@ class TransformersEngine:
         from transformers import AutoTokenizer
         if progress:
             progress(f"{self.name}: loading {self.source.name} on {self.device}")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
         try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
             self.model = self._load_model(self.source, progress).eval()
         except EngineError:
             raise
         except Exception as error:
-            raise EngineError(f"{self.name}: could not load {self.source.name}: {_describe(error)}") from error
+            hint = " It runs only if the operator sets PLAYGROUND_TRUST_REMOTE_CODE=1." \
+                if "custom code" in str(error) and not trust_remote_code() else ""
+            raise EngineError(f"{self.name}: could not load {self.source.name}: {_describe(error)}{hint}") from error
         self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-generate")
         if self.options.get("compile") and self.device != "cpu":

@@ -1,0 +1,138 @@
+"""Issue 8, item 4, security defaults: no checkpoint code runs unless the operator allows it, a hosted
+playground loads only allow-listed models and folders, no path from the browser reaches the filesystem
+unchecked, and the page binds to loopback unless told otherwise. Real transformers loads and a real
+Gradio server on 127.0.0.1; the models here fail before any weights load, so the file is quick.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.__main__ import build_parser, create
+from app.callbacks import AppConfig
+from app.kv_tab import calculate_kv
+from engines.models import resolve_model
+from engines.protocol import EngineError
+from engines.registry import create_engine
+
+CUSTOM_CODE = '''import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import PretrainedConfig
+
+
+class ShadyConfig(PretrainedConfig):
+    model_type = "shady"
+'''
+
+
+def custom_code_checkpoint(folder: Path, embedded: Path, marker: str) -> Path:
+    """A checkpoint whose config names its own Python module, which leaves a marker file when it runs."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "shady", "auto_map": {"AutoConfig": '
+                                        '"configuration_shady.ShadyConfig"}}')
+    # transformers copies the module into its own cache before running it, so the marker path is absolute.
+    (folder / "configuration_shady.py").write_text(CUSTOM_CODE.format(marker=str(folder / marker)))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).symlink_to(embedded / name)
+    return folder
+
+
+def test_checkpoint_code_runs_only_when_the_operator_turns_it_on(tmp_path, monkeypatch):
+    # Issue 8, item 4: "trust_remote_code stays off unless the operator turns it on".
+    embedded = resolve_model(None).path
+    monkeypatch.delenv("PLAYGROUND_TRUST_REMOTE_CODE", raising=False)
+    folder = custom_code_checkpoint(tmp_path / "off", embedded, "RAN")
+    with pytest.raises(EngineError, match="custom code.*PLAYGROUND_TRUST_REMOTE_CODE=1"):
+        create_engine("bf16", model=str(folder)).load()
+    assert not (folder / "RAN").exists()
+    # Turned on, the same kind of checkpoint's code does run (it then lacks a model class, a load error).
+    monkeypatch.setenv("PLAYGROUND_TRUST_REMOTE_CODE", "1")
+    folder = custom_code_checkpoint(tmp_path / "on", embedded, "RAN")
+    with pytest.raises(EngineError, match="could not load"):
+        create_engine("bf16", model=str(folder)).load()
+    assert (folder / "RAN").read_text() == "ran"
+
+
+@pytest.mark.parametrize("hosting_variable", [("PLAYGROUND_HOSTED", "1"), ("SPACE_ID", "someone/playground")])
+def test_hosted_models_come_from_the_allow_list_and_allowed_folders(tmp_path, monkeypatch, hosting_variable):
+    # Issue 8, items 1 and 4: "an unknown model, or a path outside the allowed folders when hosted".
+    for name in ("PLAYGROUND_HOSTED", "SPACE_ID", "PLAYGROUND_ALLOWED_MODELS", "PLAYGROUND_ALLOWED_MODEL_DIRS"):
+        monkeypatch.delenv(name, raising=False)
+    embedded = resolve_model(None)
+    local_copy = tmp_path / "models" / "local-copy"
+    local_copy.parent.mkdir()
+    local_copy.symlink_to(embedded.path, target_is_directory=True)
+    assert resolve_model(str(local_copy)).origin == "local"  # not hosted: any local folder
+    monkeypatch.setenv(*hosting_variable)
+    assert resolve_model(None).path == embedded.path  # the default model is allowed without a list
+    for name in ("google/gemma-3-1b-pt", "/etc", str(tmp_path / "models" / ".." / "models" / "local-copy")):
+        with pytest.raises(EngineError, match="not allowed on this hosted playground.*PLAYGROUND_ALLOWED_MODELS"):
+            resolve_model(name)
+    with pytest.raises(EngineError, match="not allowed"):
+        create_engine("bf16", model="/etc").load()
+    monkeypatch.setenv("PLAYGROUND_ALLOWED_MODEL_DIRS", str(tmp_path / "models"))
+    # A folder under an allowed one is resolved through its symlink: the embedded cache lies elsewhere.
+    with pytest.raises(EngineError, match="not allowed"):
+        resolve_model(str(local_copy))
+    monkeypatch.setenv("PLAYGROUND_ALLOWED_MODEL_DIRS", str(embedded.path.parent))
+    assert resolve_model(str(local_copy)).path == embedded.path.resolve()
+    monkeypatch.setenv("PLAYGROUND_ALLOWED_MODELS", "gemma-3-270m, google/gemma-3-1b-pt")
+    with pytest.raises(EngineError, match="hub could not provide"):  # allowed; offline, the hub fails cleanly
+        resolve_model("google/gemma-3-1b-pt")
+
+
+@pytest.mark.parametrize("typed", ["/etc/passwd", "../../../../etc/hostname", "/proc/self/environ"])
+def test_a_path_typed_in_the_browser_is_checked_before_it_is_read(monkeypatch, typed):
+    # Issue 8, item 4: "no file path from the browser reaches the filesystem unchecked". The KV tab's model
+    # field takes a config path; hosted, only shipped shapes and allowed folders are read.
+    monkeypatch.setenv("PLAYGROUND_HOSTED", "1")
+    monkeypatch.delenv("PLAYGROUND_ALLOWED_MODEL_DIRS", raising=False)
+    report, chart = calculate_kv(typed, 80, 8192)
+    assert "outside the folders this hosted playground may read" in report and chart is None
+    report, chart = calculate_kv("llama-3-8b", 80, 8192)
+    assert "Cannot calculate" not in report and chart is not None
+
+
+def test_the_page_binds_to_loopback_unless_told_otherwise():
+    # Issue 8, item 4: "the app binds to localhost unless told otherwise".
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    assert build_parser().parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+    _, options = create(AppConfig())
+    assert options["server_name"] == "127.0.0.1" and options["show_error"] is False
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it picks the outgoing address
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_the_served_page_is_on_loopback_only_and_serves_no_arbitrary_file():
+    # Issue 8, item 4, against the real server: bound to 127.0.0.1, and Gradio's file route refuses paths
+    # outside the app's own temporary files (the repository, /etc).
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    demo, options = create(AppConfig(port=port))
+    demo.launch(prevent_thread_lock=True, quiet=True, **options)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base, timeout=30).status_code == 200
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        for path in ("/etc/passwd", str(readme), "../../../../etc/passwd"):
+            response = httpx.get(f"{base}/gradio_api/file={path}", timeout=30)
+            assert response.status_code in (403, 404), (path, response.status_code)
+            assert "root:" not in response.text
+        address = _non_loopback_address()
+        if address is not None:
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{address}:{port}", timeout=5)
+    finally:
+        demo.close()

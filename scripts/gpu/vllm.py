@@ -24,7 +24,10 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# This file is named vllm.py: its own folder must leave sys.path, or `import vllm` would import it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parents[1]))
 
 from engines.commands.load import measure_level  # noqa: E402
 from engines.protocol import GenerationParams  # noqa: E402

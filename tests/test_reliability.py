@@ -215,6 +215,28 @@ def test_stop_leaves_no_thread_running_and_the_engine_free(playground, bf16_engi
     assert wait_until(lambda: not extra_threads(threads_before)), extra_threads(threads_before)
 
 
+def test_stop_on_vllm_leaves_no_request_in_vllm(bf16_engine, vllm_engine):
+    # Issue 8, item 2: "no orphaned threads or requests left running", for the engine that holds requests
+    # in its own scheduler: after Stop, vLLM has no unfinished request and the pane's threads are gone.
+    pool = EnginePool(None, build_choices())
+    pool.adopt("vllm", vllm_engine)
+    playground = Playground(AppConfig(refresh_hz=5.0), pool)
+    # The engine's event loop starts a worker pool on its first request and keeps it; a request before
+    # the snapshot leaves only what one run starts, which must all be gone after Stop.
+    run_stream(vllm_engine, PROMPT, max_new_tokens=2)
+    threads_before = set(threading.enumerate())
+    run = playground.run(PROMPT, 2000, 0.0, 0, "parallel", ["vllm"])
+    for output in run:
+        if output[1].panes[0].text:
+            break
+    assert vllm_engine.num_unfinished_requests() == 1
+    playground.stop()
+    pane = list(run)[-1][1].panes[0]
+    assert pane.status == "stopped" and pane.stats.num_tokens < 2000
+    assert wait_until(lambda: vllm_engine.num_unfinished_requests() == 0)
+    assert wait_until(lambda: not extra_threads(threads_before)), extra_threads(threads_before)
+
+
 def test_closing_the_tab_stops_that_sessions_run_only(playground, bf16_engine):
     # Issue 8, item 2: "closes the tab mid-run". Gradio calls the page's unload event with the closing
     # tab's request; the run of that session stops, and a tab closing elsewhere stops nothing.

@@ -97,5 +97,8 @@ def test_twenty_sessions_complete_or_get_queue_full_and_the_server_stays_up(serv
 
     # The server is still up and serving: the page loads and one more request completes.
     assert httpx.get(server, timeout=30).status_code == 200
-    status = run_prompt(Client(server, verbose=False, download_files=False), PROMPTS[0])[0]
+    client = Client(server, verbose=False, download_files=False)
+    status = run_prompt(client, PROMPTS[0])[0]
     assert status.startswith("Run finished") and f"{len(ENGINES)} done" in status
+    # Issue 8, item 1, end to end: a 1 MB paste crosses the real server and comes back as a clear message.
+    assert "the limit is 200,000" in run_prompt(client, "a" * 1_000_000)[0]

@@ -8,7 +8,6 @@ that raises inside generate(), in the engine's own worker thread, where a real O
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -243,10 +242,8 @@ def test_closing_the_tab_stops_that_sessions_run_only(playground, bf16_engine):
     threads_before = set(threading.enumerate())
     tab, other_tab = gr.Request(session_hash="tab-1"), gr.Request(session_hash="tab-2")
     run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"], tab)
-    num_tokens_seen = 0
     for output in run:
-        num_tokens_seen = len(output[1].panes[0].text)
-        if num_tokens_seen:
+        if output[1].panes[0].text:
             break
     playground.on_tab_closed(other_tab)
     output = next(run)

@@ -62,7 +62,8 @@ def memory_gb(device: str) -> float:
 def timed_tok_s(engine, device: str, max_new_tokens: int) -> float:
     synchronize(device)
     started = time.perf_counter()
-    num_tokens = sum(event.num_tokens for event in engine.stream(PROMPT, GenerationParams(max_new_tokens=max_new_tokens)))
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    num_tokens = sum(event.num_tokens for event in engine.stream(PROMPT, params))
     synchronize(device)
     return num_tokens / (time.perf_counter() - started)
 

@@ -66,7 +66,14 @@ def write_outputs(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
     paths["html"] = html_path
     import plotly.io as pio
     png_paths = [out / f"{name}.png" for name in figures]
-    pio.write_images(list(figures.values()), png_paths, width=900, height=450)
+    try:
+        pio.write_images(list(figures.values()), png_paths, width=900, height=450)
+    except (RuntimeError, ValueError, OSError) as error:
+        # PNG export needs kaleido and a Chrome; a GPU box may have neither. The tables and the HTML
+        # plots are the results; say why the images are missing instead of losing the whole run.
+        reason = str(error).strip().splitlines()
+        (out / "plots_png_missing.txt").write_text(f"PNG plots not written: {reason[0] if reason else error}\n")
+        return paths
     paths.update({f"{name}_png": path for name, path in zip(figures, png_paths)})
     return paths
 

@@ -118,13 +118,17 @@ class TransformersEngine:
             raise EngineError(f"{self.name}: could not load {self.source.name}: {_describe(error)}{hint}") from error
         self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-generate")
-        if self.options.get("compile") and self.device != "cpu":
+        # Random-weight shapes have their own vocabulary; the bench warms them up with prompts that fit it.
+        if self.options.get("compile") and self.device != "cpu" and not self._is_dummy():
             if progress:
                 progress(f"{self.name}: compiling and capturing CUDA graphs (first run, about a minute)")
             for _ in self.stream("Warm-up.", GenerationParams(max_new_tokens=8)):
                 pass
         if progress:
             progress(f"{self.name}: ready")
+
+    def _is_dummy(self) -> bool:
+        return self.source.origin == "dummy" or bool(self.options.get("dummy_weights"))
 
     def _torch_dtype(self):
         import torch
@@ -133,7 +137,7 @@ class TransformersEngine:
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         from transformers import AutoModelForCausalLM
         attn = self.options.get("attn_implementation", "sdpa")
-        if source.origin == "dummy" or self.options.get("dummy_weights"):
+        if self._is_dummy():
             from engines.dummy import random_model
             model = random_model(source.path, self._torch_dtype(), self.device, attn)
         else:

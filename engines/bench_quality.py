@@ -22,11 +22,6 @@ class QualityColumns:
             self.note = RANDOM_WEIGHTS_NOTE
         elif not is_quality:
             self.note = "n/a (skipped)"
-        else:
-            try:
-                from engines import quality  # noqa: F401
-            except ImportError:
-                self.note = "n/a (engines.quality not available yet)"
 
     def order(self, engines: list[str]) -> list[str]:
         """bf16 first when quality is measured: it provides the reference."""

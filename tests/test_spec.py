@@ -19,14 +19,6 @@ REPETITIVE = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a 
 FREE_FORM = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def spec_engine():
-    engine = create_engine("spec")
-    engine.load()
-    yield engine
-    engine.unload()
-
-
 @pytest.mark.parametrize("prompt", [REPETITIVE, FREE_FORM])
 def test_greedy_output_is_identical_to_bf16(spec_engine, bf16_engine, prompt):
     spec_text, _, spec_stats = run_stream(spec_engine, prompt, max_new_tokens=32)

@@ -5,6 +5,7 @@ with a clear message rather than hang on the network.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -26,6 +27,17 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def loaded_engine(name: str, **options):
+    """A loaded registry engine for the block's duration; unloaded after, even when the block fails."""
+    engine = create_engine(name, **options)
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.unload()
+
+
 def run_stream(engine, prompt: str, max_new_tokens: int = 16, **params):
     """Stream to the end; return (text, events, stats)."""
     events = list(engine.stream(prompt, GenerationParams(max_new_tokens=max_new_tokens, **params)))
@@ -34,10 +46,8 @@ def run_stream(engine, prompt: str, max_new_tokens: int = 16, **params):
 
 @pytest.fixture(scope="session")
 def bf16_engine():
-    engine = create_engine("bf16")
-    engine.load()
-    yield engine
-    engine.unload()
+    with loaded_engine("bf16") as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")
@@ -56,19 +66,15 @@ def quality_reference(bf16_engine):
 @pytest.fixture(scope="session")
 def spec_engine():
     """Prompt-lookup speculative engine, shared by the spec and UI tests."""
-    engine = create_engine("spec")
-    engine.load()
-    yield engine
-    engine.unload()
+    with loaded_engine("spec") as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")
 def gptq_engine():
     """The embedded model in INT4 GPTQ: quantized once per machine (~2 min on 2 cores), then cached."""
-    engine = create_engine("gptq-int4")
-    engine.load()
-    yield engine
-    engine.unload()
+    with loaded_engine("gptq-int4") as engine:
+        yield engine
 
 
 # vLLM engines in tests skip torch.compile: on 2 cores compiling costs 1-3 minutes per engine start, and

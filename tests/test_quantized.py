@@ -18,7 +18,7 @@ from engines.gptq import BACKENDS, MANIFEST, cache_problem
 from engines.protocol import EngineError
 from engines.quality import perplexity_text
 from engines.registry import create_engine
-from tests.conftest import run_stream
+from tests.conftest import loaded_engine, run_stream
 
 STORY = "Once upon a time, in a small village by the sea,"
 COMMON_WORDS = {"the", "a", "of", "and", "to", "in", "is", "was", "it", "that", "he", "she", "they"}
@@ -26,18 +26,14 @@ COMMON_WORDS = {"the", "a", "of", "and", "to", "in", "is", "was", "it", "that", 
 
 @pytest.fixture(scope="module")
 def nf4_engine():
-    engine = create_engine("nf4")
-    engine.load()
-    yield engine
-    engine.unload()
+    with loaded_engine("nf4") as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def int8_engine():
-    engine = create_engine("int8")
-    engine.load()
-    yield engine
-    engine.unload()
+    with loaded_engine("int8") as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

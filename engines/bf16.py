@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
 
 from engines.models import ModelSource, resolve_model, trust_remote_code
@@ -174,21 +174,19 @@ class TransformersEngine:
             raise EngineError(f"{self.name} is busy with another request")
         stop_event = threading.Event()
         streamer = _TokenStreamer(self.recorder)
-        errors: list[BaseException] = []
         self.recorder.start(num_prompt_tokens)
         finish_reason = "cancelled"
-        future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer,
-                                       stop_event, errors)
+        future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop_event)
         try:
             yield from self._decode_stream(streamer)
-            future.result()
-            if errors:
+            error = future.exception()
+            if error is not None:
                 finish_reason = "error"
-                raise EngineError(f"{self.name}: generation failed: {_describe(errors[0])}") from errors[0]
+                raise EngineError(f"{self.name}: generation failed: {_describe(error)}") from error
             finish_reason = "length" if len(self.last_token_ids) >= params.max_new_tokens else "eos"
         finally:
             stop_event.set()
-            future.result(timeout=60)
+            wait([future], timeout=60)
             self.recorder.finish(finish_reason)
             self._lock.release()
 
@@ -211,7 +209,8 @@ class TransformersEngine:
             final_text = self.tokenizer.decode(self.last_token_ids, skip_special_tokens=True)
             yield StreamEvent(final_text[len(emitted_text):], pending_tokens)
 
-    def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event, errors) -> None:
+    def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event) -> None:
+        """Runs in the engine's worker thread; an exception reaches stream() through the future."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -229,8 +228,6 @@ class TransformersEngine:
                     min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
                     pad_token_id=self.tokenizer.pad_token_id, **sampling, **self._generate_kwargs(params))
             self._after_generate(input_ids, output)
-        except BaseException as error:
-            errors.append(error)
         finally:
             streamer.end()
 

@@ -1,76 +1,25 @@
 """The transformers baseline (`bf16`, `bf16-compiled`) and the base class of every in-process
 transformers variant (nf4, int8, gptq-int4, spec).
 
-One plain generate() runs in the engine's own single worker thread; a BaseStreamer subclass receives
-token ids in that thread and stamps them there, so the consumer's pace never shifts a timestamp. The
-worker is one persistent thread, not one per request, because CUDA graphs captured by torch.compile
-(bf16-compiled) belong to the thread that captured them: replaying them from another thread asserts. Subclasses override
-`_load_model()` (how weights are built) and `_generate_kwargs()` (what generate() gets extra).
+One plain generate() runs in the engine's own single worker thread, with a streamer
+(engines/token_stream.py) that stamps tokens there. The worker is one persistent thread, not one per
+request, because CUDA graphs captured by torch.compile (bf16-compiled) belong to the thread that
+captured them: replaying them from another thread asserts. Subclasses override `_load_model()` (how
+weights are built) and `_generate_kwargs()` (what generate() gets extra).
 """
 from __future__ import annotations
 
-import importlib.util
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
 
+from engines.attention import attention_unavailable_reason, sdpa_backend_context
 from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
-                              ProgressCallback, StreamEvent, validate_prompt)
+                              ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.registry import has_gpu
 from engines.telemetry import GenerationRecorder, MemoryProbe, release_freed_memory
-
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-# PyTorch SDPA's own kernels (torch.nn.attention.SDPBackend names); "auto" lets PyTorch choose.
-SDPA_BACKENDS = ("auto", "cudnn", "efficient", "flash", "math")
-_DONE = object()
-
-
-def attention_unavailable_reason(attn_implementation: str, device: str) -> str | None:
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        return f"unknown attention '{attn_implementation}'; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
-    if attn_implementation == "flash_attention_2":
-        if device == "cpu":
-            return "flash_attention_2 needs a CUDA GPU"
-        if importlib.util.find_spec("flash_attn") is None:
-            return "flash_attention_2 needs the flash-attn package, which is not installed"
-    return None
-
-
-def sdpa_backend_context(backend: str):
-    """A context manager that pins PyTorch SDPA to one kernel family, or does nothing for "auto"."""
-    import contextlib
-    if backend == "auto":
-        return contextlib.nullcontext()
-    if backend not in SDPA_BACKENDS:
-        raise EngineError(f"unknown sdpa_backend '{backend}'; choose one of {', '.join(SDPA_BACKENDS)}")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    names = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
-             "math": "MATH"}
-    return sdpa_kernel([getattr(SDPBackend, names[backend])])
-
-
-class _TokenStreamer:
-    """transformers streamer protocol (put/end). put() gets the prompt first, then each step's new
-    token ids: one per step normally, several for an assisted-generation step."""
-
-    def __init__(self, recorder: GenerationRecorder):
-        self.recorder = recorder
-        self.queue: queue.Queue = queue.Queue()
-        self._is_prompt = True
-
-    def put(self, token_ids) -> None:
-        if self._is_prompt:
-            self._is_prompt = False
-            return
-        ids = token_ids.reshape(-1).tolist()
-        self.recorder.on_tokens(len(ids))
-        self.queue.put(ids)
-
-    def end(self) -> None:
-        self.queue.put(_DONE)
-
+from engines.token_stream import TokenStreamer, text_deltas
 
 class TransformersEngine:
     """An in-process transformers model. load() is idempotent; stream() is one request at a time."""
@@ -115,7 +64,7 @@ class TransformersEngine:
         except Exception as error:
             hint = " It runs only if the operator sets PLAYGROUND_TRUST_REMOTE_CODE=1." \
                 if "custom code" in str(error) and not trust_remote_code() else ""
-            raise EngineError(f"{self.name}: could not load {self.source.name}: {_describe(error)}{hint}") from error
+            raise EngineError(f"{self.name}: could not load {self.source.name}: {describe_error(error)}{hint}") from error
         self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-generate")
         # Random-weight shapes have their own vocabulary; the bench warms them up with prompts that fit it.
@@ -173,41 +122,23 @@ class TransformersEngine:
         if not self._lock.acquire(blocking=False):
             raise EngineError(f"{self.name} is busy with another request")
         stop_event = threading.Event()
-        streamer = _TokenStreamer(self.recorder)
+        streamer = TokenStreamer(self.recorder)
         self.recorder.start(num_prompt_tokens)
         finish_reason = "cancelled"
         future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop_event)
         try:
-            yield from self._decode_stream(streamer)
+            self.last_token_ids = []
+            yield from text_deltas(streamer, self.tokenizer, self.last_token_ids)
             error = future.exception()
             if error is not None:
                 finish_reason = "error"
-                raise EngineError(f"{self.name}: generation failed: {_describe(error)}") from error
+                raise EngineError(f"{self.name}: generation failed: {describe_error(error)}") from error
             finish_reason = "length" if len(self.last_token_ids) >= params.max_new_tokens else "eos"
         finally:
             stop_event.set()
             wait([future], timeout=60)
             self.recorder.finish(finish_reason)
             self._lock.release()
-
-    def _decode_stream(self, streamer: _TokenStreamer) -> Iterator[StreamEvent]:
-        """Turn id chunks into text deltas. Text is decoded from all ids so far, so multi-byte characters
-        split over tokens come out whole; tokens whose text is still pending ride on the next event."""
-        self.last_token_ids = []
-        emitted_text, pending_tokens = "", 0
-        while (chunk := streamer.queue.get()) is not _DONE:
-            self.last_token_ids.extend(chunk)
-            pending_tokens += len(chunk)
-            text = self.tokenizer.decode(self.last_token_ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            delta = text[len(emitted_text):]
-            if delta:
-                yield StreamEvent(delta, pending_tokens)
-                emitted_text, pending_tokens = text, 0
-        if pending_tokens:
-            final_text = self.tokenizer.decode(self.last_token_ids, skip_special_tokens=True)
-            yield StreamEvent(final_text[len(emitted_text):], pending_tokens)
 
     def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event) -> None:
         """Runs in the engine's worker thread; an exception reaches stream() through the future."""
@@ -272,10 +203,3 @@ class TransformersEngine:
             import torch
             torch.cuda.empty_cache()
 
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    message = text[0] if text else type(error).__name__
-    if "out of memory" in message.lower():
-        return f"out of memory: {message}. Unload another engine or lower max new tokens."
-    return f"{type(error).__name__}: {message}"

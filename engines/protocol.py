@@ -25,6 +25,21 @@ class EngineUnavailable(EngineError):
     """The variant cannot run on this machine; the message says why."""
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for the user from a library exception: its type and first line, the first cause with a
+    message when the outer one has none (vLLM wraps engine-core failures that way), and what to do
+    on out-of-memory."""
+    cause = error
+    while cause.__cause__ is not None and not str(cause).strip():
+        cause = cause.__cause__
+    lines = str(cause).strip().splitlines()
+    if not lines:
+        return type(cause).__name__
+    if "out of memory" in lines[0].lower():
+        return f"out of memory: {lines[0]}. Unload another engine or lower max new tokens."
+    return f"{type(cause).__name__}: {lines[0]}"
+
+
 @dataclass
 class GenerationParams:
     """What the user asks of one generation. temperature 0 means greedy."""

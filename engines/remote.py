@@ -28,6 +28,8 @@ from engines.protocol import (EngineError, EngineStats, GenerationParams, Progre
 from engines.telemetry import GenerationRecorder, MemoryReading
 
 CONNECT_TIMEOUT_S = 5.0
+# Finish reasons (vLLM's FINISH_REASON_STRINGS) that mean the server gave up, not that the text ended.
+SERVER_FAILURE_REASONS = ("abort", "error")
 _DONE = object()
 
 
@@ -173,9 +175,11 @@ class RemoteEngine:
                     finish_reason = choice.finish_reason or finish_reason
                     if stop_event.is_set():
                         return
-            if finish_reason is None:
-                raise EngineError(f"{self.name}: the server ended the stream after {num_tokens} tokens "
-                                  "without saying why (no finish_reason)")
+            # vllm serve stopping with shutdown_timeout=0 ends in-flight streams with finish_reason "abort".
+            if finish_reason is None or finish_reason in SERVER_FAILURE_REASONS:
+                why = f"finish_reason '{finish_reason}'" if finish_reason else "no finish_reason"
+                raise EngineError(f"{self.name}: {self.base_url} ended the request ({why}) "
+                                  f"while streaming (after {num_tokens} tokens)")
             chunks.put(_Finished({"stop": "eos"}.get(finish_reason, finish_reason)))
         except Exception as error:
             chunks.put(error if isinstance(error, EngineError) else

@@ -23,9 +23,9 @@ import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from engines.bf16 import TransformersEngine, _describe
+from engines.bf16 import TransformersEngine
 from engines.models import ModelSource, resolve_model, trust_remote_code
-from engines.protocol import EngineError, GenerationParams, ProgressCallback
+from engines.protocol import EngineError, GenerationParams, ProgressCallback, describe_error
 from engines.telemetry import GenerationRecorder
 
 DEFAULT_PROMPT_LOOKUP_NUM_TOKENS = 10
@@ -117,7 +117,7 @@ class SpeculativeEngine(TransformersEngine):
                 attn_implementation=self.options.get("attn_implementation", "sdpa"),
                 trust_remote_code=trust_remote_code()).to(self.device)
         except Exception as error:
-            raise EngineError(f"{self.name}: could not load draft model {name}: {_describe(error)}") from error
+            raise EngineError(f"{self.name}: could not load draft model {name}: {describe_error(error)}") from error
         if self.options.get("num_assistant_tokens"):
             draft.generation_config.num_assistant_tokens = int(self.options["num_assistant_tokens"])
         return draft.eval()

@@ -6,7 +6,8 @@ each carries the new token ids, so one speculative step that accepts three token
 three tokens. Closing the iterator cancels the request's task, and vLLM's generate() aborts the
 request in the engine core on that cancellation. KV and speculative counters come from this engine's
 own stat logger; memory is read over the process tree, since the engine core is a child process.
-Options and everything else that faces vLLM's configuration live in engines/vllm_support.py.
+Options and everything else that faces vLLM's configuration live in engines/vllm_support.py; the
+coroutines that drive AsyncLLM live in engines/vllm_requests.py.
 
 For other modules: `last_token_ids` (of the latest stream), `perplexity(text)`, `run_concurrent()`
 (many requests at once, for the load command), `kv_stats()`, `num_unfinished_requests()`, `load_s`.
@@ -14,37 +15,26 @@ For other modules: `last_token_ids` (of the latest stream), `perplexity(text)`, 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import math
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
-                              ProgressCallback, StreamEvent, validate_prompt)
+                              ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.registry import has_gpu
 from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb
+from engines.vllm_requests import (END, RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
+                                   prompt_perplexity)
 from engines.vllm_support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
                                   stat_logger_factory)
 
 # vLLM logs to stdout unless told otherwise; the CLI's tables and --json own stdout. Read when vLLM is
 # first imported (after this module), and inherited by the engine core's processes.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-_DONE = object()
-_request_numbers = itertools.count()
-
-
-@dataclass
-class RequestTiming:
-    """One request of a concurrent batch; times count from the batch's submit."""
-    num_tokens: int
-    ttft_s: float | None
-    total_s: float
 
 
 class VllmEngine:
@@ -92,7 +82,7 @@ class VllmEngine:
         try:
             engine_args = self.options.to_engine_args(str(self.source.path), self.device, draft and str(draft.path))
         except Exception as error:
-            raise EngineError(f"{self.name}: vLLM refused the options: {_describe(error)}") from error
+            raise EngineError(f"{self.name}: vLLM refused the options: {describe_error(error)}") from error
         baseline_gb = nvml_device_used_gb() if self.device != "cpu" else None
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"{self.name}-loop", daemon=True)
@@ -105,7 +95,7 @@ class VllmEngine:
             self._llm = self._call(self._create(engine_args, stat_logger_factory(self.telemetry)))
         except Exception as error:
             self._stop_loop()
-            raise EngineError(f"{self.name}: vLLM could not load {self.source.name}: {_describe(error)}") from error
+            raise EngineError(f"{self.name}: vLLM could not load {self.source.name}: {describe_error(error)}") from error
         self.load_s = time.perf_counter() - started
         self.memory = MemoryProbe(self.device, is_in_process=False, baseline_device_gb=baseline_gb)
         self.recorder = GenerationRecorder(self.name, self.memory, kv_probe=self.telemetry.snapshot)
@@ -148,15 +138,16 @@ class VllmEngine:
         outputs: queue.Queue = queue.Queue()
         recorder.start(len(prompt_ids))
         future = asyncio.run_coroutine_threadsafe(
-            self._produce(prompt_ids, self._sampling_params(params), recorder, outputs), self._loop)
+            produce_deltas(self._llm, self.name, prompt_ids, self._sampling_params(params), recorder, outputs),
+            self._loop)
         token_ids: list[int] = []
         self.last_token_ids = token_ids
         finish_reason = "cancelled"
         try:
-            while (item := outputs.get()) is not _DONE:
+            while (item := outputs.get()) is not END:
                 if isinstance(item, BaseException):
                     finish_reason = "error"
-                    raise EngineError(f"{self.name}: generation failed: {_describe(item)}") from item
+                    raise EngineError(f"{self.name}: generation failed: {describe_error(item)}") from item
                 text, new_ids, reason = item
                 token_ids.extend(new_ids)
                 if reason:
@@ -168,20 +159,6 @@ class VllmEngine:
                 future.cancel()
             recorder.finish(finish_reason)
 
-    async def _produce(self, prompt_ids, sampling, recorder, outputs: queue.Queue) -> None:
-        request_id = f"{self.name}-{next(_request_numbers)}"
-        try:
-            async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id):
-                completion = output.outputs[0]
-                recorder.on_tokens(len(completion.token_ids))
-                outputs.put((completion.text, list(completion.token_ids), completion.finish_reason))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            outputs.put(error)
-        finally:
-            outputs.put(_DONE)
-
     def run_concurrent(self, prompts: list[str], params: GenerationParams) -> list[RequestTiming]:
         """Submit every prompt at once (continuous batching) and time each request from that moment."""
         if self._llm is None:
@@ -189,20 +166,7 @@ class VllmEngine:
         params = params.validate()
         all_ids = [self.encode(validate_prompt(prompt), params.max_new_tokens) for prompt in prompts]
         self.telemetry.reset_counters()
-        return self._call(self._gather(all_ids, self._sampling_params(params)))
-
-    async def _gather(self, all_ids, sampling) -> list[RequestTiming]:
-        submitted = time.perf_counter()
-
-        async def one(prompt_ids) -> RequestTiming:
-            first, num_tokens = None, 0
-            async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling,
-                                                   f"{self.name}-{next(_request_numbers)}"):
-                num_tokens += len(output.outputs[0].token_ids)
-                if first is None and num_tokens:
-                    first = time.perf_counter() - submitted
-            return RequestTiming(num_tokens, first, time.perf_counter() - submitted)
-        return list(await asyncio.gather(*(one(prompt_ids) for prompt_ids in all_ids)))
+        return self._call(gather_timed(self._llm, self.name, all_ids, self._sampling_params(params)))
 
     def perplexity(self, text: str) -> float:
         """exp(mean negative log-likelihood) of the text's tokens after BOS, from vLLM's prompt_logprobs.
@@ -213,15 +177,7 @@ class VllmEngine:
         if len(prompt_ids) < 2:
             raise EngineError("perplexity needs a text of at least one token")
         sampling = self._sampling_params(GenerationParams(max_new_tokens=1), prompt_logprobs=0)
-        return self._call(self._perplexity(prompt_ids, sampling))
-
-    async def _perplexity(self, prompt_ids, sampling) -> float:
-        prompt_logprobs = None
-        async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling,
-                                               f"{self.name}-ppl-{next(_request_numbers)}"):
-            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
-        scored = [position[token].logprob for token, position in zip(prompt_ids[1:], prompt_logprobs[1:])]
-        return math.exp(-sum(scored) / len(scored))
+        return self._call(prompt_perplexity(self._llm, self.name, prompt_ids, sampling))
 
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
@@ -238,7 +194,7 @@ class VllmEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             # Cancelling the output handler first keeps it from reporting the engine core's exit as a crash.
-            self._call(_cancel_pending_tasks())
+            self._call(cancel_pending_tasks())
             llm.shutdown()
         self._stop_loop()
         import gc
@@ -250,23 +206,9 @@ class VllmEngine:
     def _stop_loop(self) -> None:
         if self._loop is not None:
             # vLLM's output tasks outlive shutdown(); cancelling them lets the loop close cleanly.
-            self._call(_cancel_pending_tasks())
+            self._call(cancel_pending_tasks())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=10)
             self._loop.close()
             self._loop = self._loop_thread = None
 
-
-async def _cancel_pending_tasks() -> None:
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _describe(error: BaseException) -> str:
-    cause = error
-    while cause.__cause__ is not None and not str(cause).strip():
-        cause = cause.__cause__
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device side: every GPU measurement of the project, one after another, in the background, so that a
 # sequence longer than one 10-minute device call keeps going while later calls poll it.
-#   start:  source /tmp/stage/install.sh && bash scripts/gpu/run_all.sh start
+#   start:  source /tmp/stage/install.sh && bash scripts/gpu/run_all.sh start [STEP...]
+#           (every step by default; name steps, e.g. `start bench-dummy bench-embedded`, to run only those)
 #   poll:   bash scripts/gpu/run_all.sh poll     (copies finished results to $OUT)
 set -u
 results=/tmp/gpu-results
@@ -12,7 +13,10 @@ start)
   cat > /tmp/gpu-driver.sh <<DRIVER
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PYTHONPATH
 cd /tmp/repo
-step() { name=\$1; limit=\$2; shift 2; echo "\$(date +%T) start \$name" >> $results/steps.log
+wanted="${*:2}"
+step() { name=\$1; limit=\$2; shift 2
+  if [ -n "\$wanted" ] && [[ " \$wanted " != *" \$name "* ]]; then return; fi
+  echo "\$(date +%T) start \$name" >> $results/steps.log
   timeout \$limit "\$@" > $results/\$name.log 2>&1; echo "\$(date +%T) end \$name rc=\$?" >> $results/steps.log; }
 step bf16 600 python3 scripts/gpu/bf16.py --out $results --repeats 3
 step vllm 600 python3 scripts/gpu/vllm.py --out $results

@@ -1,0 +1,76 @@
+"""The coroutines that drive vLLM's AsyncLLM for engines/vllm_engine.py. They run on the engine's
+private event loop; results cross back to the caller's thread through a queue or a future.
+
+- `produce_deltas`: one streamed request, each output put on a queue as (text, new ids, finish reason),
+  then an exception if it failed, then `END`. Cancelling its task aborts the request in vLLM.
+- `gather_timed`: many requests submitted at once (continuous batching), each timed from the submit.
+- `prompt_perplexity`: perplexity from prompt_logprobs.
+- `cancel_pending_tasks`: lets the loop stop cleanly once the engine is shut down.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import queue
+import time
+from dataclasses import dataclass
+
+END = object()
+_request_numbers = itertools.count()
+
+
+@dataclass
+class RequestTiming:
+    """One request of a concurrent batch; times count from the batch's submit."""
+    num_tokens: int
+    ttft_s: float | None
+    total_s: float
+
+
+def request_id(engine_name: str) -> str:
+    return f"{engine_name}-{next(_request_numbers)}"
+
+
+async def produce_deltas(llm, engine_name: str, prompt_ids: list[int], sampling, recorder,
+                         outputs: queue.Queue) -> None:
+    try:
+        async for output in llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id(engine_name)):
+            completion = output.outputs[0]
+            recorder.on_tokens(len(completion.token_ids))
+            outputs.put((completion.text, list(completion.token_ids), completion.finish_reason))
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        outputs.put(error)
+    finally:
+        outputs.put(END)
+
+
+async def gather_timed(llm, engine_name: str, all_prompt_ids: list[list[int]], sampling) -> list[RequestTiming]:
+    submitted = time.perf_counter()
+
+    async def one(prompt_ids) -> RequestTiming:
+        first_s, num_tokens = None, 0
+        async for output in llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id(engine_name)):
+            num_tokens += len(output.outputs[0].token_ids)
+            if first_s is None and num_tokens:
+                first_s = time.perf_counter() - submitted
+        return RequestTiming(num_tokens, first_s, time.perf_counter() - submitted)
+    return list(await asyncio.gather(*(one(prompt_ids) for prompt_ids in all_prompt_ids)))
+
+
+async def prompt_perplexity(llm, engine_name: str, prompt_ids: list[int], sampling) -> float:
+    """exp(mean negative log-likelihood) of every token after the first (BOS), which has no logprob."""
+    prompt_logprobs = None
+    async for output in llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id(engine_name) + "-ppl"):
+        prompt_logprobs = output.prompt_logprobs or prompt_logprobs
+    scored = [position[token].logprob for token, position in zip(prompt_ids[1:], prompt_logprobs[1:])]
+    return math.exp(-sum(scored) / len(scored))
+
+
+async def cancel_pending_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

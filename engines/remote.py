@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from engines.http_errors import explain_http_error
 from engines.prometheus import MetricsScraper
 from engines.protocol import (EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
                               validate_prompt)
@@ -209,17 +210,7 @@ class RemoteEngine:
         self.recorder.update(**fields)
 
     def _explain(self, error: BaseException, doing: str) -> str:
-        import httpx
-        import openai
-        where = f"{self.name}: {self.base_url}"
-        if isinstance(error, (openai.APITimeoutError, httpx.TimeoutException)):
-            return f"{where} did not answer within {self.timeout_s:.0f} s while {doing}"
-        if isinstance(error, openai.APIStatusError):
-            return f"{where} returned HTTP {error.status_code} while {doing}: {_first_line(error.message)}"
-        if isinstance(error, (openai.APIConnectionError, httpx.TransportError)):
-            cause = error.__cause__ or error
-            return f"{where} is unreachable or closed the connection while {doing}: {_first_line(str(cause))}"
-        return f"{where} failed while {doing}: {type(error).__name__}: {_first_line(str(error))}"
+        return explain_http_error(error, f"{self.name}: {self.base_url}", doing, self.timeout_s)
 
     def stats(self) -> EngineStats:
         if self.recorder is None:
@@ -232,7 +223,3 @@ class RemoteEngine:
             self.client.close()
         self.client = None
 
-
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0] if lines else "(no detail)"

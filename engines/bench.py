@@ -17,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from engines.bench_quality import QualityColumns
-from engines.dummy import DUMMY_PREFIX, is_token_id_in_vocab, materialize_weights
+from engines.dummy import is_token_id_in_vocab, materialize_weights
 from engines.model_shape import load_shape
-from engines.models import resolve_model, trust_remote_code
-from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback
+from engines.models import DUMMY_PREFIX, resolve_model, trust_remote_code
+from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
 from engines.registry import create_engine, get_spec, has_gpu, unavailable_reason
 from engines.roofline import decode_roofline, measure_bandwidth
 
@@ -168,13 +168,13 @@ def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwi
         try:
             quality.evaluate(engine, row)
         except Exception as error:  # speed and memory stand even when the quality pass fails
-            row.quality_note = f"n/a (quality failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+            row.quality_note = f"n/a (quality failed: {describe_error(error)[:200]})"
     except EngineUnavailable as error:
         row.status, row.reason = "unavailable", str(error)
     except EngineError as error:
         row.status, row.reason = "error", str(error)
     except Exception as error:  # one engine's failure is a row, never the end of the run
-        row.status, row.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        row.status, row.reason = "error", describe_error(error)
     finally:
         if engine is not None:
             engine.unload()

@@ -1,11 +1,12 @@
 """The benchmark's quality columns: greedy agreement and perplexity against a bf16 reference, through
-engines.quality (`build_reference`, `evaluate_quality`). The reference is built once per run; with
-random weights, or when engines.quality is missing, every row says why the columns are n/a.
+engines.quality (`build_reference`, `evaluate_quality`). The reference is built once per run, by the bf16
+row or by loading bf16 first; with random weights, without quality, or without a reference, every row
+says why the columns are n/a.
 """
 from __future__ import annotations
 
 from engines.dummy import RANDOM_WEIGHTS_NOTE
-from engines.protocol import EngineError, ProgressCallback
+from engines.protocol import EngineError, ProgressCallback, describe_error
 from engines.registry import create_engine
 
 REFERENCE_TOKENS = 32
@@ -39,8 +40,9 @@ class QualityColumns:
                 self.reference = self._build_reference(reference_engine)
             finally:
                 reference_engine.unload()
-        except EngineError as error:
-            self.note = f"n/a (no bf16 reference: {error})"
+        except Exception as error:  # the speed and memory columns stand without quality
+            detail = str(error) if isinstance(error, EngineError) else describe_error(error)
+            self.note = f"n/a (no bf16 reference: {detail})"
 
     def _build_reference(self, engine):
         from engines.quality import build_reference
@@ -53,6 +55,10 @@ class QualityColumns:
             return
         from engines.quality import evaluate_quality
         if self.reference is None:
+            if engine.name != "bf16":
+                # bf16 runs first; without its reference an engine would be scored against itself.
+                row.quality_note = "n/a (bf16, the reference, did not run)"
+                return
             self.reference = self._build_reference(engine)
         report = evaluate_quality(engine, self.reference)
         row.greedy_agreement, row.perplexity = report.greedy_agreement, report.perplexity

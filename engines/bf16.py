@@ -21,6 +21,7 @@ from engines.registry import has_gpu
 from engines.telemetry import GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.token_stream import TokenStreamer, text_deltas
 
+
 class TransformersEngine:
     """An in-process transformers model. load() is idempotent; stream() is one request at a time."""
 
@@ -101,11 +102,9 @@ class TransformersEngine:
         """Extra generate() arguments; the speculative variant adds its drafting here."""
         return {}
 
-    def _after_generate(self, prompt_ids, output) -> None:
-        """Hook run in the worker thread after generate() returns; speculative stats live here."""
-
     def encode(self, prompt: str):
-        """Prompt -> input ids on the engine's device, checked against the context length."""
+        """Prompt -> (input ids, attention mask) on the engine's device, BOS first; callers check the
+        length against max_context_tokens."""
         encoded = self.tokenizer(prompt, return_tensors="pt")
         return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
 
@@ -121,12 +120,13 @@ class TransformersEngine:
                               f"were asked for; {self.name} accepts {self.max_context_tokens} tokens in all")
         if not self._lock.acquire(blocking=False):
             raise EngineError(f"{self.name} is busy with another request")
-        stop_event = threading.Event()
-        streamer = TokenStreamer(self.recorder)
-        self.recorder.start(num_prompt_tokens)
+        stop_event, future = threading.Event(), None
         finish_reason = "cancelled"
-        future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop_event)
         try:
+            streamer = TokenStreamer(self.recorder)
+            self.recorder.start(num_prompt_tokens)
+            future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer,
+                                           stop_event)
             self.last_token_ids = []
             yield from text_deltas(streamer, self.tokenizer, self.last_token_ids)
             error = future.exception()
@@ -136,7 +136,8 @@ class TransformersEngine:
             finish_reason = "length" if len(self.last_token_ids) >= params.max_new_tokens else "eos"
         finally:
             stop_event.set()
-            wait([future], timeout=60)
+            if future is not None:
+                wait([future], timeout=60)
             self.recorder.finish(finish_reason)
             self._lock.release()
 
@@ -154,11 +155,10 @@ class TransformersEngine:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
                 if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             with torch.inference_mode(), sdpa_backend_context(self.options.get("sdpa_backend", "auto")):
-                output = self.model.generate(
+                self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
                     min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
                     pad_token_id=self.tokenizer.pad_token_id, **sampling, **self._generate_kwargs(params))
-            self._after_generate(input_ids, output)
         finally:
             streamer.end()
 

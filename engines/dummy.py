@@ -21,10 +21,9 @@ import shutil
 from pathlib import Path
 
 from engines.model_shape import load_config, shape_from_config
-from engines.models import ModelSource, cache_dir, resolve_model
-from engines.protocol import EngineError, ProgressCallback
+from engines.models import DUMMY_PREFIX, ModelSource, cache_dir, resolve_model
+from engines.protocol import EngineError, ProgressCallback, describe_error
 
-DUMMY_PREFIX = "dummy:"
 RANDOM_WEIGHTS_NOTE = "n/a (random weights)"
 
 
@@ -81,7 +80,7 @@ def materialize_weights(source: ModelSource, device: str, progress: ProgressCall
         model.save_pretrained(staging, max_shard_size="4GB")
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise EngineError(f"could not write random weights for {source.name}: {type(error).__name__}: {error}") from None
+        raise EngineError(f"could not write random weights for {source.name}: {describe_error(error)}") from None
     finally:
         model = None
         if device != "cpu":

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.bf16 import TransformersEngine
-from engines.models import ASSETS, ModelSource, cache_dir, trust_remote_code
-from engines.protocol import EngineError, ProgressCallback
+from engines.models import ASSETS, ModelSource, cache_dir, say, trust_remote_code
+from engines.protocol import EngineError, ProgressCallback, describe_error
 
 CALIBRATION_PATH = ASSETS / "calibration.txt"
 MANIFEST = "manifest.json"
@@ -95,15 +95,15 @@ def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
     with FileLock(str(target) + ".lock"):
         problem = cache_problem(target) if target.exists() else "not quantized yet"
         if problem is None:
-            _say(progress, f"gptq-int4: loading the cached quantization {target}")
+            say(progress, f"gptq-int4: loading the cached quantization {target}")
             return target
         if target.exists():
-            _say(progress, f"gptq-int4: the cache at {target} is unusable ({problem}); rebuilding it")
+            say(progress, f"gptq-int4: the cache at {target} is unusable ({problem}); rebuilding it")
             shutil.rmtree(target)
         staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         started = time.perf_counter()
-        _say(progress, f"gptq-int4: quantizing {source.name} to {settings.bits}-bit GPTQ, group size "
+        say(progress, f"gptq-int4: quantizing {source.name} to {settings.bits}-bit GPTQ, group size "
                        f"{settings.group_size}, {settings.num_calibration_samples} calibration samples on {device} "
                        f"(first use only{'; about 2 minutes on 2 CPU cores' if device == 'cpu' else ''})")
         try:
@@ -112,7 +112,7 @@ def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        _say(progress, f"gptq-int4: quantized in {time.perf_counter() - started:.0f} s, cached at {target}")
+        say(progress, f"gptq-int4: quantized in {time.perf_counter() - started:.0f} s, cached at {target}")
     return target
 
 
@@ -191,12 +191,12 @@ class GptqEngine(TransformersEngine):
                     wrapper = GPTQModel.load(str(self.checkpoint_path), device=self.device, backend=backend,
                                              dtype=self._torch_dtype(), trust_remote_code=trust_remote_code())
             except Exception as error:
-                failures.append(f"{backend}: {type(error).__name__}: {str(error).strip()[:200]}")
+                failures.append(f"{backend}: {describe_error(error)[:200]}")
                 continue
             kernels = sorted({type(module).__name__ for module in wrapper.model.modules()
                               if isinstance(module, BaseQuantLinear)})
             self.backend, self.kernel_name = backend, ", ".join(kernels)
-            _say(progress, f"gptq-int4: kernel {self.kernel_name} (backend {backend})")
+            say(progress, f"gptq-int4: kernel {self.kernel_name} (backend {backend})")
             return wrapper.model
         raise EngineError(f"gptq-int4: no GPTQ kernel loaded on {self.device}: " + "; ".join(failures))
 
@@ -208,7 +208,3 @@ def _sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def _say(progress: ProgressCallback | None, message: str) -> None:
-    if progress is not None:
-        progress(message)

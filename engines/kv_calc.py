@@ -10,9 +10,11 @@ beyond the window each new token costs only the full-attention layers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from engines.model_shape import ModelShape
+from engines.protocol import EngineError
 
 GIB = 1024 ** 3
 KV_DTYPE_BYTES = {"BF16": 2, "FP8": 1}
@@ -72,8 +74,10 @@ def max_tokens(shape: ModelShape, budget_bytes: float, dtype_bytes: float, num_k
 
 
 def calculate(shape: ModelShape, vram_gb: float = 80.0, context_tokens: int = 8192) -> KvReport:
-    if vram_gb <= 0 or context_tokens <= 0:
-        raise ValueError("vram_gb and context_tokens must be positive")
+    if not (math.isfinite(vram_gb) and vram_gb > 0):
+        raise EngineError(f"the memory to fill must be a positive number of GiB, got {vram_gb}")
+    if context_tokens <= 0:
+        raise EngineError(f"the context must be a positive number of tokens, got {context_tokens}")
     weights_bytes = shape.num_params * WEIGHT_BYTES_BF16
     layouts = [("MHA", shape.num_attention_heads)]
     if shape.num_kv_heads != shape.num_attention_heads:

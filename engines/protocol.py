@@ -3,6 +3,8 @@
 An engine is loaded once, then streams any number of prompts. `stream()` yields `StreamEvent`s whose
 `num_tokens` is exact: a speculative step that accepts three tokens yields one event with
 `num_tokens=3`. `stats()` may be called at any time, from any thread, and returns a snapshot.
+Also here, because every engine and the UI share them: the input limits and `validate_prompt`, and
+`describe_error`, which turns a library exception into the one line a user sees.
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ class StatSample:
     t_s: float
     num_tokens: int
     decode_tok_s: float
-    memory_gb: float
+    memory_gb: float | None
     kv_used_frac: float | None = None
     kv_blocks_used: int | None = None
 

@@ -24,7 +24,6 @@ class EngineSpec:
     description: str
     target: str | None                      # "module:Class"; a missing module reads "not implemented yet"
     requires: tuple[str, ...] = ()          # importable modules
-    is_gpu_only: bool = False
     needs_cpu_avx512_on_cpu: bool = False   # vLLM's FP8 KV cache on a CPU
     defaults: dict = field(default_factory=dict)
 
@@ -88,8 +87,6 @@ def unavailable_reason(spec: EngineSpec) -> str | None:
     missing = [module for module in spec.requires if importlib.util.find_spec(module) is None]
     if missing:
         return f"package not installed: {', '.join(missing)}"
-    if spec.is_gpu_only and not has_gpu():
-        return "needs an NVIDIA GPU; none is visible"
     if spec.needs_cpu_avx512_on_cpu and not has_gpu() and not ({"avx512f", "amx_tile"} & cpu_flags()):
         return "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
     if os.environ.get("SPACES_ZERO_GPU") and spec.name.startswith("vllm"):

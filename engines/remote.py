@@ -1,7 +1,7 @@
 """`remote`: any OpenAI-compatible server (vllm serve, SGLang, TGI, llama.cpp) as one more engine.
 
 Configured by URL, served model name and optional API key: from the UI (constructor options `url`,
-`served_model`, `api_key`, `metrics_url`, `timeout_s`, `api`), or per server in a TOML file
+`served_model`, `api_key` or `api_key_env`, `metrics_url`, `timeout_s`, `api`), or per server in a TOML file
 (PLAYGROUND_REMOTE_CONFIG, else assets/remote.toml; see assets/remote.example.toml), each of which
 engines.registry.remote_specs lists as `remote:<label>`. Completions stream through the openai client
 in a worker thread that stamps tokens as they arrive, so TTFT, tok/s and ITL are client-side and
@@ -18,7 +18,7 @@ import math
 import os
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -43,7 +43,7 @@ class _NotMeasured:
     """The server's memory lives on another machine; say so instead of reporting this process's RSS."""
 
     def read(self) -> MemoryReading:
-        return MemoryReading(math.nan, "remote: not measured")
+        return MemoryReading(None, "remote: not measured")
 
     def torch_peak_gb(self) -> None:
         return None
@@ -115,14 +115,14 @@ class RemoteEngine:
         params = params.validate()
         if not self._lock.acquire(blocking=False):
             raise EngineError(f"{self.name} is busy with another request")
-        self.metrics.set_baseline()
-        self.is_token_count_exact = True
         stop_event, chunks = threading.Event(), queue.Queue()
-        self.recorder.start()
         worker = threading.Thread(target=self._run_request, args=(prompt, params, chunks, stop_event),
                                   name=f"{self.name}-http", daemon=True)
         finish_reason = "cancelled"
         try:
+            self.metrics.set_baseline()
+            self.is_token_count_exact = True
+            self.recorder.start()
             worker.start()
             pending_tokens = 0
             while True:
@@ -143,9 +143,13 @@ class RemoteEngine:
                 if text:
                     yield StreamEvent(text, pending_tokens)
                     pending_tokens = 0
+            if pending_tokens:
+                # Tokens without text (an EOS the server counts) still belong to the stream's total.
+                yield StreamEvent("", pending_tokens)
         finally:
             stop_event.set()
-            worker.join(timeout=self.timeout_s + CONNECT_TIMEOUT_S)
+            if worker.is_alive():
+                worker.join(timeout=self.timeout_s + CONNECT_TIMEOUT_S)
             self.recorder.finish(finish_reason)
             self._lock.release()
 
@@ -213,10 +217,7 @@ class RemoteEngine:
         return explain_http_error(error, f"{self.name}: {self.base_url}", doing, self.timeout_s)
 
     def stats(self) -> EngineStats:
-        if self.recorder is None:
-            return EngineStats(engine=self.name)
-        stats = self.recorder.snapshot()
-        return replace(stats, memory_gb=None, peak_memory_gb=None)
+        return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
 
     def unload(self) -> None:
         if self.client is not None:

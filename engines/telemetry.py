@@ -10,7 +10,6 @@ Definitions (DESIGN.md):
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -31,10 +30,6 @@ def percentile(values: list[float], fraction: float) -> float | None:
     ordered = sorted(values)
     rank = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[rank]
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def _nvml_handle(device_index: int):
@@ -64,15 +59,15 @@ def nvml_device_used_gb(device_index: int = 0) -> float | None:
         return None
 
 
-def process_tree_pids(pid: int | None = None) -> set[int]:
+def process_tree_pids() -> set[int]:
     """This process and its descendants: vLLM's EngineCore runs as a child."""
-    root = psutil.Process(pid or os.getpid())
+    root = psutil.Process(os.getpid())
     return {root.pid} | {child.pid for child in root.children(recursive=True)}
 
 
 @dataclass
 class MemoryReading:
-    memory_gb: float
+    memory_gb: float | None  # None: nothing on this machine can measure it (kind says why)
     kind: str
 
 
@@ -82,6 +77,8 @@ class MemoryProbe:
 
     def __init__(self, device: str, is_in_process: bool = True, baseline_device_gb: float | None = None):
         self.device = device
+        # "cuda:1" reads GPU 1; "cuda" is the current device, 0 unless the process chose another.
+        self.device_index = int(device.partition(":")[2] or 0)
         self.is_in_process = is_in_process
         self.baseline_device_gb = baseline_device_gb
 
@@ -89,22 +86,22 @@ class MemoryProbe:
         if self.device == "cpu":
             rss = sum(_rss(pid) for pid in process_tree_pids())
             return MemoryReading(rss / GB, "rss")
-        gpu_gb = nvml_process_memory_gb(process_tree_pids())
+        gpu_gb = nvml_process_memory_gb(process_tree_pids(), self.device_index)
         if gpu_gb is not None:
             return MemoryReading(gpu_gb, "nvml-process")
         if self.is_in_process:
             import torch
-            return MemoryReading(torch.cuda.memory_reserved() / GB, "torch-reserved")
-        device_gb = nvml_device_used_gb()
+            return MemoryReading(torch.cuda.memory_reserved(self.device_index) / GB, "torch-reserved")
+        device_gb = nvml_device_used_gb(self.device_index)
         if device_gb is not None and self.baseline_device_gb is not None:
             return MemoryReading(device_gb - self.baseline_device_gb, "nvml-device-delta")
-        return MemoryReading(float("nan"), "unavailable")
+        return MemoryReading(None, "unavailable")
 
     def torch_peak_gb(self) -> float | None:
         if self.device == "cpu" or not self.is_in_process:
             return None
         import torch
-        return torch.cuda.max_memory_allocated() / GB
+        return torch.cuda.max_memory_allocated(self.device_index) / GB
 
 
 def release_freed_memory() -> None:
@@ -214,7 +211,8 @@ class GenerationRecorder:
             stats.memory_gb = reading.memory_gb
             stats.memory_kind = reading.kind
             stats.torch_peak_gb = self.memory.torch_peak_gb()
-            stats.peak_memory_gb = max(stats.peak_memory_gb or 0.0, reading.memory_gb)
+            if reading.memory_gb is not None:
+                stats.peak_memory_gb = max(stats.peak_memory_gb or 0.0, reading.memory_gb)
             for key, value in kv.items():
                 setattr(stats, key, value)
             if kv.get("kv_used_frac") is not None:

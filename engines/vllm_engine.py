@@ -69,14 +69,17 @@ class VllmEngine:
         if self._llm is not None:
             return
         self.source = resolve_model(self.model_name, progress)
-        config = json.loads((self.source.path / "config.json").read_text())
+        try:
+            config = json.loads((self.source.path / "config.json").read_text())
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
+        except Exception as error:
+            raise EngineError(f"{self.name}: could not read {self.source.name}: {describe_error(error)}") from error
         head_dim = config.get("head_dim") or config.get("text_config", {}).get("head_dim")
         if self.device == "cpu" and self.options.kv_cache_dtype != "auto":
             reason = fp8_kv_unavailable_reason(head_dim)
             if reason:
                 raise EngineUnavailable(f"{self.name}: {reason}")
-        from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source.path, trust_remote_code=trust_remote_code())
         self.telemetry = KvTelemetry()
         draft = resolve_model(self.options.draft_model, progress) if self.options.draft_model else None
         try:

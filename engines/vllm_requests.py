@@ -16,6 +16,8 @@ import queue
 import time
 from dataclasses import dataclass
 
+from engines.protocol import EngineError
+
 END = object()
 _request_numbers = itertools.count()
 
@@ -65,6 +67,8 @@ async def prompt_perplexity(llm, engine_name: str, prompt_ids: list[int], sampli
     prompt_logprobs = None
     async for output in llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id(engine_name) + "-ppl"):
         prompt_logprobs = output.prompt_logprobs or prompt_logprobs
+    if not prompt_logprobs:
+        raise EngineError(f"{engine_name}: vLLM returned no prompt logprobs, so there is no perplexity")
     scored = [position[token].logprob for token, position in zip(prompt_ids[1:], prompt_logprobs[1:])]
     return math.exp(-sum(scored) / len(scored))
 

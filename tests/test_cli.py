@@ -56,3 +56,10 @@ def test_unknown_model_fails_clearly(model):
     result = cli("generate", "--engine", "bf16", "--model", model, "--prompt", "hi")
     assert result.returncode != 0
     assert f"model '{model}' not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_option_without_a_value_is_refused_before_anything_loads():
+    result = cli("generate", "--engine", "bf16", "--option", "compile", "--prompt", "hi", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "--option wants KEY=VALUE, got 'compile'" in result.stderr and "Traceback" not in result.stderr
+    assert "loading" not in result.stderr

@@ -85,9 +85,20 @@ def test_kv_command_prints_the_table_and_rejects_bad_numbers():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| MHA | 32 | BF16 | 512.0 KiB | 512.0 MiB |" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gb", "-1"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--vram-gb must be positive" in bad.stderr and "Traceback" not in bad.stderr
+    for vram_gb in ("-1", "nan", "inf"):
+        bad = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gb", vram_gb],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert f"--vram-gb must be positive and finite, got {float(vram_gb)}" in bad.stderr, bad.stderr
+
+
+def test_calculate_rejects_memory_and_context_it_cannot_price():
+    shape = load_shape("llama-2-7b")
+    for vram_gb in (0, -3, float("nan"), float("inf")):
+        with pytest.raises(EngineError, match="positive number of GiB"):
+            calculate(shape, vram_gb=vram_gb)
+    with pytest.raises(EngineError, match="positive number of tokens, got 0"):
+        calculate(shape, context_tokens=0)
 
 
 def test_kv_tab_reports_and_charts_and_explains_bad_input():

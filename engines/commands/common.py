@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from engines.protocol import GenerationParams
+from engines.attention import ATTENTION_IMPLEMENTATIONS
+from engines.protocol import EngineError, GenerationParams
 
 
 def add_model_arguments(parser) -> None:
@@ -11,7 +12,7 @@ def add_model_arguments(parser) -> None:
                         help="short name from assets/models.toml, hub id or local path "
                              "(default: PLAYGROUND_MODEL or the embedded Gemma-3-270M)")
     parser.add_argument("--attn", dest="attn_implementation", default=None,
-                        choices=["eager", "sdpa", "flash_attention_2"], help="transformers attention (default sdpa)")
+                        choices=ATTENTION_IMPLEMENTATIONS, help="transformers attention (default sdpa)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="transformers weight dtype (default bfloat16)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -28,7 +29,9 @@ def add_generation_arguments(parser) -> None:
 def engine_options(args) -> dict:
     options = {key: getattr(args, key) for key in ("attn_implementation", "dtype") if getattr(args, key, None)}
     for item in args.option:
-        key, _, value = item.partition("=")
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise EngineError(f"--option wants KEY=VALUE, got '{item}'")
         options[key.strip()] = _parse_value(value.strip())
     return options
 

@@ -45,6 +45,22 @@ def run(args) -> int:
     params = generation_params(args)
     prompt = read_prompt(args)
     engine = create_engine(args.engine, model=args.model, **engine_options(args))
+    try:
+        result = _generate_and_score(engine, args, prompt, params)
+    finally:
+        engine.unload()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        print(_format_stats(result), file=sys.stderr)
+        if "quality" in result:
+            print(_format_quality(result["quality"]), file=sys.stderr)
+    return 0
+
+
+def _generate_and_score(engine, args, prompt: str, params) -> dict:
+    """Load, stream the text to stdout (unless --json) and return the result with its stats."""
     engine.load(progress=progress_to_stderr)
     pieces = []
     for event in engine.stream(prompt, params):
@@ -61,14 +77,7 @@ def run(args) -> int:
         reference = reference_for(args.model, args.quality_tokens, progress_to_stderr)
         progress_to_stderr(f"quality: comparing {args.engine} with bf16 on {len(reference.prompts)} prompts")
         result["quality"] = evaluate_quality(engine, reference).to_dict()
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print()
-        print(_format_stats(result), file=sys.stderr)
-        if "quality" in result:
-            print(_format_quality(result["quality"]), file=sys.stderr)
-    return 0
+    return result
 
 
 def _format_stats(result: dict) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from engines.kv_calc import calculate, to_markdown
 from engines.model_shape import available_configs, load_shape
@@ -18,8 +19,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if args.vram_gb <= 0:
-        raise EngineError(f"--vram-gb must be positive, got {args.vram_gb}")
+    if not (math.isfinite(args.vram_gb) and args.vram_gb > 0):
+        raise EngineError(f"--vram-gb must be positive and finite, got {args.vram_gb}")
     if args.context <= 0:
         raise EngineError(f"--context must be a positive number of tokens, got {args.context}")
     report = calculate(load_shape(args.config), vram_gb=args.vram_gb, context_tokens=args.context)

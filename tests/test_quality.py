@@ -98,3 +98,14 @@ def test_generate_quality_json_adds_agreement_perplexity_and_footprint(gptq_engi
     assert 0.0 <= quality["greedy_agreement"] <= 1.0 and quality["num_tokens"] == 4
     assert quality["perplexity"] == pytest.approx(gptq_engine.perplexity(perplexity_text()), rel=1e-3)
     assert 0 < quality["weight_footprint_gb"] < 0.5 and quality["is_suspect"] is False
+
+
+def test_bench_row_without_the_bf16_reference_says_so_instead_of_scoring_itself(spec_engine):
+    from engines.bench import BenchRow
+    from engines.bench_quality import QualityColumns
+    columns = QualityColumns(["bf16", "spec"], None, is_quality=True, is_random=False, say=lambda message: None)
+    columns.prepare()  # bf16 is in the run, so its own row would build the reference; here that row failed
+    row = BenchRow(engine="spec")
+    columns.evaluate(spec_engine, row)
+    assert row.quality_note == "n/a (bf16, the reference, did not run)"
+    assert row.greedy_agreement is None and row.perplexity is None and columns.reference is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from engines.protocol import EngineError
@@ -14,8 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)),
-                        help=f"port (default $PORT or {DEFAULT_PORT})")
+    # No default here: $PORT is read when the app starts, so a bad $PORT cannot break --help.
+    parser.add_argument("--port", type=int, default=None, help=f"port (default $PORT or {DEFAULT_PORT})")
     parser.add_argument("--model", default=None,
                         help="short name from assets/models.toml, hub id or local path "
                              "(default: PLAYGROUND_MODEL or the embedded Gemma-3-270M)")
@@ -27,6 +28,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_port(port: int | None, environ=os.environ) -> int:
+    """The --port value, else $PORT, else 7860; ValueError with a message for the user when it is no port."""
+    if port is None:
+        text = environ.get("PORT", "").strip()
+        if not text:
+            return DEFAULT_PORT
+        if not text.isdigit():
+            raise ValueError(f"PORT must be a whole number from 1 to 65535, got {text!r}")
+        port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"the port must be from 1 to 65535, got {port}")
+    return port
+
+
+def config_from_args(args: argparse.Namespace, environ=os.environ):
+    """The AppConfig that `python -m app` serves; ValueError with a message for the user on bad options."""
+    from app.callbacks import AppConfig
+    if not 1 <= args.max_panes <= 12 or not 0.5 <= args.refresh_hz <= 20 or args.max_queue < 1:
+        raise ValueError("--max-panes must be 1-12, --refresh-hz 0.5-20 and --max-queue at least 1")
+    return AppConfig(model=args.model, host=args.host, port=resolve_port(args.port, environ),
+                     max_panes=args.max_panes, refresh_hz=args.refresh_hz, max_queue=args.max_queue)
+
+
 def create(config):
     """Build the Blocks and its launch options for one AppConfig; every handle lives in the result."""
     from app.callbacks import Playground
@@ -36,21 +60,46 @@ def create(config):
     return build_app(playground), launch_options(playground)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from app.callbacks import AppConfig
-    if not 1 <= args.max_panes <= 12 or not 0.5 <= args.refresh_hz <= 20 or args.max_queue < 1:
-        print("error: --max-panes must be 1-12, --refresh-hz 0.5-20 and --max-queue at least 1", file=sys.stderr)
-        return 2
-    config = AppConfig(model=args.model, host=args.host, port=args.port, max_panes=args.max_panes,
-                       refresh_hz=args.refresh_hz, max_queue=args.max_queue)
+def serve(config) -> int:
+    """Build and launch the page (blocks until it stops); shared by `python -m app` and app/space.py.
+    A model that cannot be used, a port in use or a host not of this machine is one line on stderr, exit 2."""
     try:
         demo, options = create(config)
     except EngineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    demo.launch(**options)
+    try:
+        demo.launch(**options)
+    except OSError:
+        # Gradio's own text for a port it cannot bind suggests Gradio settings, not this app's options.
+        if _is_port_taken(config.port):
+            print(f"error: port {config.port} is in use (set --port or PORT)", file=sys.stderr)
+        else:
+            print(f"error: cannot listen on {config.host}:{config.port}; --host must be an address of this machine "
+                  f"(127.0.0.1, or 0.0.0.0 for all)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _is_port_taken(port: int) -> bool:
+    """Whether something listens on the port; Gradio probes loopback the same way before binding the host."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.__main__ import DEFAULT_PORT, create  # noqa: E402
+from app.__main__ import resolve_port, serve  # noqa: E402
 from app.callbacks import AppConfig  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     argparse.ArgumentParser(description="Serve the playground as a Hugging Face Space: 0.0.0.0, port $PORT "
                                         "(7860), model $PLAYGROUND_MODEL. Locally, use `python -m app`.").parse_args()
-    config = AppConfig(model=os.environ.get("PLAYGROUND_MODEL"), host="0.0.0.0",
-                       port=int(os.environ.get("PORT", DEFAULT_PORT)))
-    demo, options = create(config)
-    demo.launch(**options)
+    try:
+        port = resolve_port(None)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return serve(AppConfig(model=os.environ.get("PLAYGROUND_MODEL"), host="0.0.0.0", port=port))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

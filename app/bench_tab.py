@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.hosting import on_zero_gpu
 from engines.bench import BenchConfig, run_bench
 from engines.bench_report import build_figures, to_markdown, write_outputs
 from engines.model_shape import available_configs
@@ -101,5 +102,5 @@ def build(config=None, concurrency_id: str = "engines") -> None:
         yield from run_bench_events(engine_names, new_tokens, prompt_length, num_repeats, weights, with_quality,
                                     model=model, out_root=out_root)
 
-    button.click(run, [engines, max_new_tokens, prompt_tokens, repeats, dummy, is_quality],
+    button.click(on_zero_gpu(run), [engines, max_new_tokens, prompt_tokens, repeats, dummy, is_quality],
                  [status, table, speed, memory, roofline, quality, files], concurrency_id=concurrency_id)

@@ -7,7 +7,6 @@ Bad input becomes a status line; an engine's failure stays in its own pane.
 """
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ from app import charts, text
 from app.export import summary_rows, write_run_files
 from app.session import EnginePool, RunControls
 from app.streaming import MODES, PaneResult, RunRecord, StreamMerger
-from engines.protocol import EngineError, GenerationParams, validate_prompt
+from engines.protocol import EngineError, GenerationParams, describe_error, validate_prompt
 
 REFERENCE_ENGINE = "bf16"
 LIVE_STATUSES = ("waiting", "loading", "running")
@@ -145,16 +144,13 @@ class Playground:
         if record is None or record.is_load_only or not is_enabled:
             yield gr.skip(), gr.skip(), gr.skip()
             return
-        if importlib.util.find_spec("engines.quality") is None:
-            yield record, self._summary(record), "Quality: n/a (engines/quality.py is not in this build yet)."
-            return
         from engines.quality import build_reference, evaluate_quality
         yield gr.skip(), gr.skip(), "Computing quality against bf16 (greedy agreement, perplexity)…"
         problems = []
         try:
             reference = self._quality_reference(build_reference)
-        except EngineError as error:
-            yield record, self._summary(record), f"Quality: n/a ({error})"
+        except Exception as error:  # any failure (out of memory too) must replace "Computing quality…"
+            yield record, self._summary(record), f"Quality: n/a ({_describe(error)})"
             return
         for pane in record.panes:
             if pane.status != "done":
@@ -162,8 +158,8 @@ class Playground:
             try:
                 report = evaluate_quality(self.pool.engine(pane.key), reference, self.config.quality_num_tokens,
                                           self.config.quality_max_prompts)
-            except EngineError as error:
-                problems.append(f"not computed for {pane.key}: {error}")
+            except Exception as error:  # one engine's failure leaves the others' quality standing
+                problems.append(f"not computed for {pane.key}: {_describe(error)}")
                 continue
             pane.quality = asdict(report)
             if report.is_suspect:
@@ -220,6 +216,11 @@ def _whole(value, name: str):
             raise EngineError(f"{name} must be a whole number, got {value}")
         return int(value)
     return value
+
+
+def _describe(error: Exception) -> str:
+    """An EngineError's own message; any other exception as `Type: message` (engines.protocol)."""
+    return str(error) if isinstance(error, EngineError) else describe_error(error)
 
 
 def _session(request: gr.Request | None) -> str:

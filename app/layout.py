@@ -34,7 +34,6 @@ def build_app(playground: Playground) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Playground", id="playground"):
                 _build_playground(demo, playground)
-            # Further tabs go here, one line each, e.g. `with gr.Tab("Bench"): bench_tab.build(config)`.
             with gr.Tab("Benchmark", id="bench"): bench_tab.build(config, concurrency_id=ENGINE_QUEUE)
             with gr.Tab("KV calculator", id="kv"): kv_tab.build(config)
         demo.unload(playground.on_tab_closed)
@@ -112,7 +111,7 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
     run_event = run_button.click(on_zero_gpu(playground.run),
                                  [prompt, max_new_tokens, temperature, seed, mode, picker], run_outputs,
                                  concurrency_id=ENGINE_QUEUE)
-    run_event.then(playground.quality, [record, compute_quality], [record, summary, status],
+    run_event.then(on_zero_gpu(playground.quality), [record, compute_quality], [record, summary, status],
                    concurrency_id=ENGINE_QUEUE, show_progress="hidden")
     stop_button.click(playground.stop, None, [status], cancels=[run_event, load_event], queue=False) \
         .then(playground.after_stop, [record], run_outputs, queue=False)

@@ -25,6 +25,7 @@ PROMPT = "The capital of France is"
 # A variant that cannot load on a CPU: its real load() raises, so its pane must show the reason.
 BROKEN = PaneChoice("bf16-flash", "bf16", "BF16, flash attention", {"attn_implementation": "flash_attention_2"})
 NUM_OUTPUTS_PER_PANE = 3
+INTERLEAVE_TOKENS = 32
 
 
 @pytest.fixture
@@ -74,14 +75,18 @@ def test_picking_engines_shows_one_titled_pane_each_up_to_the_limit(playground):
 
 
 def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16_engine):
-    outputs, _ = run_to_end(playground, ["bf16", "spec"])
+    # Interleaving is seen in the page updates, so this run gives them room: at 20 Hz (the app's highest
+    # rate) and 32 tokens, both engines stream for many updates even when a loaded machine runs them fast
+    # or unevenly; 5 Hz and 12 tokens could fit the whole run into two or three updates.
+    playground.config = AppConfig(refresh_hz=20.0, chart_interval_s=0.5)
+    outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=INTERLEAVE_TOKENS)
     final = outputs[-1]
     record = final[1]
     assert record.is_finished and [pane.status for pane in record.panes] == ["done", "done"]
     bf16_pane, spec_pane = record.panes
     # Speculative decoding is lossless under greedy decoding: the two panes carry the same text.
     assert bf16_pane.text.strip() and bf16_pane.text == spec_pane.text
-    assert bf16_pane.stats.num_tokens == len(bf16_engine.last_token_ids) <= 12
+    assert bf16_pane.stats.num_tokens == len(bf16_engine.last_token_ids) <= INTERLEAVE_TOKENS
     for pane in record.panes:
         assert pane.stats.decode_tok_s > 0 and pane.stats.ttft_s > 0
     assert spec_pane.stats.acceptance_rate is not None
@@ -209,6 +214,25 @@ def test_quality_is_shown_against_bf16(playground):
         assert row["greedy_agreement"] == pytest.approx(1.0), row
     assert rows[0]["perplexity"] > 1 and rows[0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert summary[0][-3] == "100.0" and "looks broken" not in note
+
+
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory: CUDA out of memory"),
+    (ValueError("shapes (4,) and (5,) differ"), "ValueError: shapes (4,) and (5,) differ")])
+def test_a_quality_failure_of_any_kind_replaces_the_computing_note(playground, spec_engine, monkeypatch, error, shown):
+    # Running out of memory cannot be provoked on this CPU, so the real spec engine's perplexity raises what
+    # torch would; everything else is the real quality pass.
+    playground.config = AppConfig(quality_num_tokens=4, quality_max_prompts=1)
+    outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=4)
+
+    def failing_perplexity(text):
+        raise error
+    monkeypatch.setattr(spec_engine, "perplexity", failing_perplexity)
+    steps = list(playground.quality(outputs[-1][1], True))
+    assert steps[0][2].startswith("Computing quality")
+    record, _, note = steps[-1]
+    assert note.startswith("Quality computed against bf16.") and f"not computed for spec: {shown}" in note, note
+    assert record.panes[0].quality["greedy_agreement"] == pytest.approx(1.0) and record.panes[1].quality is None
 
 
 def test_zero_gpu_wraps_the_generation_events_only_on_zero_gpu(monkeypatch):

@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "out/ui_overhead"),
                         help="folder for ui_overhead.json (default $OUT or out/ui_overhead)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.repeats < 1:  # the medians need at least one pair
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if not 0.5 <= args.refresh_hz <= 20:  # the app's own bounds (python -m app --refresh-hz)
+        parser.error(f"--refresh-hz must be 0.5-20, got {args.refresh_hz}")
     try:
         engine = create_engine(args.engine, model=args.model)
         engine.load()

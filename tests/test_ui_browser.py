@@ -7,7 +7,6 @@ page is saved as test-artifacts/ui_playground.png.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -57,15 +56,33 @@ def app_url():
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url, wait_until="domcontentloaded")
-        page.wait_for_selector("#run", timeout=60_000)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    """A fresh tab per test: its own Gradio session and the page's default engine choice."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.wait_for_selector("#run", timeout=60_000)
+    yield page
+    page.close()
+
+
+def pick_engines(page, keys: list[str]) -> None:
+    """Tick exactly these engines in the picker, whatever was ticked before, and wait for their panes."""
+    labels = page.locator("#engine-picker label")
+    for index in range(labels.count()):
+        label = labels.nth(index)
+        key = label.inner_text().rsplit("· ", 1)[-1].strip()
+        label.locator("input").set_checked(key in keys)
+    page.wait_for_selector(f"#pane-{len(keys) - 1}", state="visible")
+    page.wait_for_selector(f"#pane-{len(keys)}", state="hidden")
 
 
 def second_engine() -> str:
@@ -79,8 +96,7 @@ def metric(page, pane: int, name: str) -> str:
 
 def test_two_engines_stream_side_by_side_with_live_charts(page, artifacts_dir):
     other = second_engine()
-    page.locator("#engine-picker label", has_text=re.compile(rf"· {re.escape(other)}$")).click()
-    page.wait_for_selector("#pane-1", state="visible")
+    pick_engines(page, ["bf16", other])
     page.fill("#max-new-tokens input", "16")
     page.fill("#prompt textarea", "The capital of France is")
     page.click("#run")
@@ -105,11 +121,17 @@ def test_two_engines_stream_side_by_side_with_live_charts(page, artifacts_dir):
 
 
 def test_stop_ends_a_long_run_in_every_pane(page, artifacts_dir):
+    pick_engines(page, ["bf16", second_engine()])
     page.fill("#max-new-tokens input", "400")
     page.fill("#prompt textarea", "Once upon a time, in a small village by the sea,")
     page.click("#run")
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('2 streaming')",
                            timeout=RUN_TIMEOUT_MS)
+    # A pane reads "streaming" from the moment its request starts, before its first token: Stop once both
+    # show text, so each has tokens to count (alone, this test also meets the engines' first, slower run).
+    for pane in (0, 1):
+        page.wait_for_function(f"document.querySelector('#pane-{pane}-text textarea').value.trim().length > 0",
+                               timeout=RUN_TIMEOUT_MS)
     page.click("#stop")
     page.wait_for_function("document.querySelector('#run-status').innerText.startsWith('Run stopped')",
                            timeout=30_000)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engines.protocol import speculation_stats
+
 KV_USAGE_GAUGES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 COUNTERS = {
     "num_preemptions": "vllm:num_preemptions_total",
@@ -79,11 +81,12 @@ class MetricsDelta:
                 result["kv_blocks_used"] = round(reading.kv_used_frac * reading.kv_blocks_total)
         for name, value in reading.counters.items():
             result[name] = int(value - self.baseline.counters.get(name, 0.0))
-        if result.get("num_draft_tokens"):
-            result["acceptance_rate"] = result.get("num_accepted_tokens", 0) / result["num_draft_tokens"]
-        if result.get("num_drafts"):
-            result["mean_accepted_len"] = 1 + result.get("num_accepted_tokens", 0) / result["num_drafts"]
-        elif reading.sglang_accept_length is not None:
+        derived = speculation_stats(result.get("num_drafts", 0), result.get("num_draft_tokens", 0),
+                                    result.get("num_accepted_tokens", 0))
+        for name in ("acceptance_rate", "mean_accepted_len"):
+            if derived[name] is not None:
+                result[name] = derived[name]
+        if "mean_accepted_len" not in result and reading.sglang_accept_length is not None:
             result["mean_accepted_len"] = reading.sglang_accept_length
         return result
 

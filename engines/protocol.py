@@ -4,7 +4,8 @@ An engine is loaded once, then streams any number of prompts. `stream()` yields 
 `num_tokens` is exact: a speculative step that accepts three tokens yields one event with
 `num_tokens=3`. `stats()` may be called at any time, from any thread, and returns a snapshot.
 Also here, because every engine and the UI share them: the input limits and `validate_prompt`, and
-`describe_error`, which turns a library exception into the one line a user sees.
+`describe_error`, which turns a library exception into the one line a user sees, and
+`speculation_stats`, the one definition of acceptance rate and mean accepted length.
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class EngineError(RuntimeError):
 
 class EngineUnavailable(EngineError):
     """The variant cannot run on this machine; the message says why."""
+
+
+def speculation_stats(num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int) -> dict:
+    """EngineStats' speculative fields from three counters, one definition for every engine:
+    acceptance_rate = accepted / proposed draft tokens; mean_accepted_len = tokens per verification step
+    = 1 + accepted / drafts (the step's own target token counts as one). None where nothing was drafted."""
+    return {"num_drafts": num_drafts, "num_draft_tokens": num_draft_tokens, "num_accepted_tokens": num_accepted_tokens,
+            "acceptance_rate": num_accepted_tokens / num_draft_tokens if num_draft_tokens else None,
+            "mean_accepted_len": 1 + num_accepted_tokens / num_drafts if num_drafts else None}
 
 
 def describe_error(error: BaseException) -> str:

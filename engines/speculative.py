@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from engines.bf16 import TransformersEngine
 from engines.models import ModelSource, resolve_model, trust_remote_code
-from engines.protocol import EngineError, GenerationParams, ProgressCallback, describe_error
+from engines.protocol import EngineError, GenerationParams, ProgressCallback, describe_error, speculation_stats
 from engines.telemetry import GenerationRecorder
 
 DEFAULT_PROMPT_LOOKUP_NUM_TOKENS = 10
@@ -40,10 +40,7 @@ class DraftCounts:
     num_accepted_tokens: int = 0
 
     def as_stats(self) -> dict:
-        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
-                "num_accepted_tokens": self.num_accepted_tokens,
-                "acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None,
-                "mean_accepted_len": 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None}
+        return speculation_stats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens)
 
 
 class _CountingCandidateGenerator:

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from engines.models import trust_remote_code
-from engines.protocol import EngineError
+from engines.protocol import EngineError, speculation_stats
 from engines.telemetry import GB
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
@@ -181,10 +181,7 @@ class KvTelemetry:
                 "prefix_cache_hit_frac": self._prefix_hits / self._prefix_queries if self._prefix_queries else None,
             }
             if self._is_speculating:
-                drafts, draft_tokens, accepted = self._num_drafts, self._num_draft_tokens, self._num_accepted_tokens
-                stats.update(num_drafts=drafts, num_draft_tokens=draft_tokens, num_accepted_tokens=accepted,
-                             acceptance_rate=accepted / draft_tokens if draft_tokens else None,
-                             mean_accepted_len=1 + accepted / drafts if drafts else None)
+                stats.update(speculation_stats(self._num_drafts, self._num_draft_tokens, self._num_accepted_tokens))
             return stats
 
 

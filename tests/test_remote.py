@@ -101,9 +101,11 @@ def test_streams_with_server_token_counts(remote_engine):
 
 
 def test_kv_usage_is_sampled_from_metrics_while_the_request_runs(remote_engine):
-    # A long prompt holds KV blocks through a prefill of seconds on CPU, so the 0.5 s sampler sees them.
+    # A long prompt holds many KV blocks. vLLM updates its gauge after each engine step, so the blocks show
+    # only once decoding starts; n-gram drafts make decoding this repetitive prompt fast, so ask for enough
+    # tokens that decoding outlasts several of the 0.5 s samples even on an idle machine.
     prompt = "\n".join(f"Entry {number}: the river town kept its ledgers in a stone tower." for number in range(90))
-    _, _, stats = run_stream(remote_engine, prompt, max_new_tokens=32)
+    _, _, stats = run_stream(remote_engine, prompt, max_new_tokens=256)
     assert stats.num_prompt_tokens > 1000
     assert stats.kv_blocks_total > 0 and stats.kv_block_size > 0
     assert stats.kv_peak_used_frac > 0, [sample.kv_used_frac for sample in stats.samples]

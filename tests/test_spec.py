@@ -51,12 +51,19 @@ def test_without_speculation_no_drafts_are_reported(spec_engine):
 
 
 def test_speedup_is_measured_in_the_same_run(spec_engine):
-    result = measure_speedup(spec_engine, REPETITIVE, GenerationParams(max_new_tokens=40), repeats=1)
+    result = measure_speedup(spec_engine, REPETITIVE, GenerationParams(max_new_tokens=40), repeats=3)
     assert result.is_same_text
     assert result.baseline_decode_tok_s > 0 and result.spec_decode_tok_s > 0
     assert result.speedup == pytest.approx(result.spec_decode_tok_s / result.baseline_decode_tok_s)
-    # Most of this continuation is copied from the prompt, so several tokens land per forward pass.
-    assert result.mean_accepted_len > 2 and result.speedup > 1.0, result
+    # Most of this continuation is copied from the prompt, so several tokens land per forward pass: the
+    # count, not the clock, shows that speculation works.
+    assert result.mean_accepted_len > 2, result
+    # The clock must agree, on a shared 2-core machine: one baseline/speculative pair there swings by
+    # several times when another process takes the cores mid-run, so the speedup is the median of three
+    # alternating pairs, and the bound is 1.0 (no gain at all) rather than the several-fold the token
+    # count promises. Speculation that buys nothing still fails it: a step that verifies rejected drafts
+    # costs a little more than a plain decode step, so its ratio sits at or below 1.
+    assert result.speedup > 1.0, result
 
 
 def test_draft_model_with_the_same_tokenizer_is_lossless(bf16_engine):

@@ -7,6 +7,7 @@ once, beside it, which also checks that two engines in one process keep separate
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import psutil
@@ -27,13 +28,16 @@ REPETITIVE_PROMPT = ("List: apple, banana, cherry, date, elderberry, fig, grape,
                      "Copy: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
                      "List: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
                      "Copy:")
+NUM_LOAD_PAIRS = 3
+BATCHING_GAIN_BOUND = 1.5
 
 
 def test_stream_counts_every_token_and_decodes_to_the_text(vllm_engine):
     text, events, stats = run_stream(vllm_engine, PROMPT, max_new_tokens=24)
     assert sum(event.num_tokens for event in events) == len(vllm_engine.last_token_ids) == stats.num_tokens == 24
     assert vllm_engine.tokenizer.decode(vllm_engine.last_token_ids, skip_special_tokens=True) == text
-    assert stats.finish_reason == "length" and stats.num_prompt_tokens == 6  # BOS + 5 words
+    assert stats.finish_reason == "length"
+    assert stats.num_prompt_tokens == len(vllm_engine.tokenizer(PROMPT).input_ids)  # BOS included
     assert stats.ttft_s > 0 and stats.decode_tok_s > 0 and stats.peak_memory_gb > 0
 
 
@@ -69,7 +73,8 @@ def test_kv_blocks_rise_during_a_long_generation_and_fall_after(vllm_engine):
 def test_kv_blocks_cover_the_context_the_engine_accepts(vllm_engine):
     kv = vllm_engine.kv_stats()
     assert kv["kv_block_size"] > 0
-    assert kv["kv_blocks_total"] * kv["kv_block_size"] >= vllm_engine.max_context_tokens == 4096
+    assert kv["kv_blocks_total"] * kv["kv_block_size"] >= vllm_engine.max_context_tokens
+    assert vllm_engine.max_context_tokens == VLLM_TEST_OPTIONS["max_model_len"]
 
 
 def test_closing_the_stream_aborts_the_request(vllm_engine):
@@ -87,8 +92,9 @@ def test_closing_the_stream_aborts_the_request(vllm_engine):
 
 
 def test_bad_requests_get_readable_errors(vllm_engine):
-    with pytest.raises(EngineError, match="accepts 4096 tokens in all"):
-        run_stream(vllm_engine, "word " * 5000, max_new_tokens=8)
+    limit = VLLM_TEST_OPTIONS["max_model_len"]
+    with pytest.raises(EngineError, match=f"accepts {limit} tokens in all"):
+        run_stream(vllm_engine, "word " * (limit + 1000), max_new_tokens=8)
     with pytest.raises(EngineError, match="prompt is empty"):
         run_stream(vllm_engine, "   ")
     with pytest.raises(EngineError, match="kv_cache_dtype must be one of"):
@@ -99,11 +105,19 @@ def test_bad_requests_get_readable_errors(vllm_engine):
 
 def test_load_at_concurrency_8_beats_concurrency_1(vllm_engine):
     params = GenerationParams(max_new_tokens=32)
-    single, eight = (measure_level(vllm_engine, level, params) for level in parse_levels("1,8"))
-    assert single.serving == eight.serving == "batched"
-    assert eight.num_tokens > single.num_tokens
-    assert eight.aggregate_tok_s > single.aggregate_tok_s
-    assert eight.ttft_s_p95 >= eight.ttft_s_p50 > 0 and eight.kv_peak_used_frac > single.kv_peak_used_frac
+    pairs = [[measure_level(vllm_engine, level, params) for level in parse_levels("1,8")]
+             for _ in range(NUM_LOAD_PAIRS)]
+    for single, eight in pairs:
+        assert single.serving == eight.serving == "batched"
+        assert eight.num_tokens > single.num_tokens
+        assert eight.ttft_s_p95 >= eight.ttft_s_p50 > 0 and eight.kv_peak_used_frac > single.kv_peak_used_frac
+    # Continuous batching decodes the 8 requests in the same forward passes, so their aggregate tok/s is
+    # several times one request's; served one after another it would be about the same. Wall-clock on a
+    # shared 2-core machine swings when another process takes a core, so the medians of three interleaved
+    # pairs are compared, with a bound of 1.5x: well under what batching gives, well above serial serving.
+    single_tok_s = statistics.median(single.aggregate_tok_s for single, _ in pairs)
+    eight_tok_s = statistics.median(eight.aggregate_tok_s for _, eight in pairs)
+    assert eight_tok_s > BATCHING_GAIN_BOUND * single_tok_s, (single_tok_s, eight_tok_s)
 
 
 def test_fp8_kv_follows_this_cpus_features(vllm_engine):

@@ -15,8 +15,8 @@ runs out are rows saying so, to be run in a further call with --engines:
     python3 scripts/gpu/bench.py --suite dummy --engines bf16,vllm,vllm-fp8kv --out $OUT
     python3 scripts/gpu/bench.py --suite dummy --engines nf4,bf16-compiled --out $OUT
     python3 scripts/gpu/bench.py --suite dummy --engines gptq-int4 --out $OUT   # quantizes 8B random weights
-Afterwards, on any machine, merge the calls' folders into one table for docs/results/:
-    python3 scripts/gpu/bench.py --merge OUT1/embedded OUT2/embedded --out docs/results/h100
+Afterwards, on any machine, merge the calls' folders into one table for docs/gpu/:
+    python3 scripts/gpu/bench.py --merge OUT1/embedded OUT2/embedded --out docs/gpu/bench-embedded
 CPU smoke test:
     python3 scripts/gpu/bench.py --engines bf16 --max-new-tokens 8 --prompt-tokens 64 --repeats 1 --out /tmp/b
 """

@@ -25,7 +25,7 @@ step spec 400 python3 scripts/gpu/spec.py --out $results
 step bench-dummy 600 python3 scripts/gpu/bench.py --suite dummy --engines bf16,bf16-compiled,vllm,vllm-fp8kv --out $results/bench-dummy
 step bench-embedded 600 python3 scripts/gpu/bench.py --suite embedded --out $results/bench-embedded
 step bench-dummy-int4 600 python3 scripts/gpu/bench.py --suite dummy --engines nf4,gptq-int4 --out $results/bench-dummy-int4
-[ -f scripts/gpu/reliability.py ] && step reliability 300 python3 scripts/gpu/reliability.py --out $results
+step reliability 300 python3 scripts/gpu/reliability.py --out $results
 echo "\$(date +%T) all done" >> $results/steps.log
 DRIVER
   setsid nohup bash /tmp/gpu-driver.sh > /tmp/gpu-driver.out 2>&1 < /dev/null &

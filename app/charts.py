@@ -66,7 +66,7 @@ def memory_figure(panes: list[PaneResult]) -> go.Figure:
                "y": [getattr(pane.stats, attribute) for pane in measured]}
               for series, attribute, color in (("now", "memory_gb", "#a5b4fc"), ("peak", "peak_memory_gb", "#4f46e5"))
               ] if measured else []
-    figure = _figure("Memory per engine", "", f"GB ({', '.join(kinds)})" if kinds else "GB", traces,
+    figure = _figure("Memory per engine", "", f"GiB ({', '.join(kinds)})" if kinds else "GiB", traces,
                      note="no memory readings yet", barmode="group")
     if "RSS" in kinds:
         figure.add_annotation(text="in-process engines share one process: RSS is the whole process",

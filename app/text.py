@@ -72,7 +72,7 @@ def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str 
         _metric("ttft_s", "TTFT", number(stats.ttft_s, 3, " s")),
         _metric("decode_tok_s", "decode", number(stats.decode_tok_s, 1, " tok/s")),
         _metric("num_tokens", "tokens", str(stats.num_tokens)),
-        _metric("memory_gb", memory_label(stats.memory_kind), number(stats.memory_gb, 2, " GB")),
+        _metric("memory_gb", memory_label(stats.memory_kind), number(stats.memory_gb, 2, " GiB")),
     ]
     if stats.kv_blocks_total is not None:
         metrics.append(_metric("kv_blocks", "KV blocks",
@@ -100,7 +100,7 @@ def run_status(record, is_stopped: bool = False) -> str:
 
 
 SUMMARY_HEADERS = ["engine", "status", "tokens", "TTFT (s)", "decode (tok/s)", "ITL p50 (ms)",
-                   "peak memory (GB)", "KV peak used (%)", "acceptance (%)", "greedy agreement (%)",
+                   "peak memory (GiB)", "KV peak used (%)", "acceptance (%)", "greedy agreement (%)",
                    "perplexity", "perplexity / bf16"]
 
 

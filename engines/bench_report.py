@@ -25,10 +25,11 @@ def to_markdown(result: BenchResult) -> str:
     header = (f"Model **{result.model}** on {result.machine.get('gpu') or result.device} "
               f"({result.machine.get('date')}); {config.max_new_tokens} new tokens, median of {config.num_repeats} "
               f"after a warm-up; encode peak at {config.prompt_tokens} prompt tokens. Memory bandwidth "
-              f"{_number(bandwidth.get('bandwidth_gb_s'), 1)} GB/s ({bandwidth.get('method', 'not measured')}).")
+              f"{_number(bandwidth.get('bandwidth_gb_s'), 1)} GB/s (10^9 bytes; {bandwidth.get('method', 'not measured')}); "
+              "memory in GiB (2^30 bytes).")
     lines = [header, "",
-             "| engine | status | load s | TTFT s | decode tok/s | tokens | prefill s (P) | encode peak GB "
-             "| generate peak GB | roofline tok/s | % of roofline | greedy agreement | perplexity | ppl ratio | note |",
+             "| engine | status | load s | TTFT s | decode tok/s | tokens | prefill s (P) | encode peak GiB "
+             "| generate peak GiB | roofline tok/s | % of roofline | greedy agreement | perplexity | ppl ratio | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result.rows:
         if row.status != "ok":

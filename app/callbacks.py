@@ -150,7 +150,7 @@ class Playground:
         try:
             reference = self._quality_reference(build_reference)
         except Exception as error:  # any failure (out of memory too) must replace "Computing quality…"
-            yield record, self._summary(record), f"Quality: n/a ({_describe(error)})"
+            yield record, self._summary(record), f"Quality: n/a ({describe_error(error)})"
             return
         for pane in record.panes:
             if pane.status != "done":
@@ -159,7 +159,7 @@ class Playground:
                 report = evaluate_quality(self.pool.engine(pane.key), reference, self.config.quality_num_tokens,
                                           self.config.quality_max_prompts)
             except Exception as error:  # one engine's failure leaves the others' quality standing
-                problems.append(f"not computed for {pane.key}: {_describe(error)}")
+                problems.append(f"not computed for {pane.key}: {describe_error(error)}")
                 continue
             pane.quality = asdict(report)
             if report.is_suspect:
@@ -216,11 +216,6 @@ def _whole(value, name: str):
             raise EngineError(f"{name} must be a whole number, got {value}")
         return int(value)
     return value
-
-
-def _describe(error: Exception) -> str:
-    """An EngineError's own message; any other exception as `Type: message` (engines.protocol)."""
-    return str(error) if isinstance(error, EngineError) else describe_error(error)
 
 
 def _session(request: gr.Request | None) -> str:

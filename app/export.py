@@ -1,23 +1,20 @@
 """Export of a finished run: JSON (everything, with the time series), CSV (one row per engine) and
 the charts as PNG images (plotly + kaleido, which drives a Chrome/Chromium).
 
-kaleido 1.x finds the browser through BROWSER_PATH; Debian's chromium is offered when it is set up.
-When no image can be rendered the charts are written as standalone HTML instead, and the returned
-note says so.
+PNGs go through engines.bench_report.write_png_images, as the bench's do. When no image can be
+rendered the charts are written as standalone HTML instead, and the returned note says so.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from app.charts import run_figures
 from app.streaming import RunRecord
+from engines.bench_report import write_png_images
 
-DEBIAN_CHROMIUM = "/usr/bin/chromium"
 QUALITY_FIELDS = ("greedy_agreement", "perplexity", "perplexity_ratio", "weight_footprint_gb", "is_suspect")
 STATS_FIELDS = ("num_tokens", "num_prompt_tokens", "ttft_s", "decode_tok_s", "itl_ms_p50", "itl_ms_p95",
                 "total_s", "memory_gb", "peak_memory_gb", "memory_kind", "kv_blocks_total", "kv_peak_used_frac",
@@ -51,19 +48,14 @@ def run_json(record: RunRecord) -> dict:
 
 def write_images(figures: dict, out_dir: Path) -> tuple[list[Path], str]:
     """PNG per chart through kaleido; standalone HTML per chart when that fails, with the reason."""
-    if not os.environ.get("BROWSER_PATH") and shutil.which("chromium") is None and os.path.exists(DEBIAN_CHROMIUM):
-        os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
-    import plotly.io as pio
     png_paths = [out_dir / f"chart_{name}.png" for name in figures]
-    try:
-        pio.write_images(list(figures.values()), png_paths, width=900, height=360, scale=1)
+    problem = write_png_images(list(figures.values()), png_paths, width=900, height=360)
+    if not problem:
         return png_paths, ""
-    except Exception as error:
-        html_paths = [out_dir / f"chart_{name}.html" for name in figures]
-        for figure, path in zip(figures.values(), html_paths):
-            figure.write_html(path, include_plotlyjs="cdn")
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return html_paths, f"charts saved as HTML: PNG rendering failed ({first_line})"
+    html_paths = [out_dir / f"chart_{name}.html" for name in figures]
+    for figure, path in zip(figures.values(), html_paths):
+        figure.write_html(path, include_plotlyjs="cdn")
+    return html_paths, f"charts saved as HTML: PNG rendering failed ({problem})"
 
 
 def write_run_files(record: RunRecord, out_dir: Path) -> tuple[list[Path], str]:

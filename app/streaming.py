@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from app.session import EnginePool
-from engines.protocol import EngineError, EngineStats, GenerationParams
+from engines.protocol import EngineStats, GenerationParams, describe_error
 
 PARALLEL, FAIR = "parallel", "fair"
 MODES = (PARALLEL, FAIR)
@@ -131,10 +131,8 @@ class StreamMerger:
         try:
             step(key)
             return True
-        except EngineError as error:
-            self._messages.put(("error", key, str(error)))
         except Exception as error:  # a pane shows any failure as text; the other panes go on
-            self._messages.put(("error", key, f"{type(error).__name__}: {error}"))
+            self._messages.put(("error", key, describe_error(error)))
         return False
 
     def _load_pane(self, key: str) -> None:

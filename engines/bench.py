@@ -23,6 +23,7 @@ from engines.models import DUMMY_PREFIX, resolve_model, trust_remote_code
 from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
 from engines.registry import create_engine, get_spec, has_gpu, unavailable_reason
 from engines.roofline import decode_roofline, measure_bandwidth
+from engines.telemetry import GB
 
 FILLER = ("The history of the city begins with a small group of people who came to live by the river. They "
           "built houses of wood and stone, and they grew food in the fields around them. Over many years the "
@@ -163,7 +164,7 @@ def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwi
         context = runs[0].num_prompt_tokens + config.max_new_tokens // 2
         roofline = decode_roofline(shape, name, bandwidth.bandwidth_gb_s, context,
                                    options.get("dtype", "bfloat16"))
-        row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / 1024 ** 3
+        row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / GB
         row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
         try:
             quality.evaluate(engine, row)
@@ -171,8 +172,6 @@ def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwi
             row.quality_note = f"n/a (quality failed: {describe_error(error)[:200]})"
     except EngineUnavailable as error:
         row.status, row.reason = "unavailable", str(error)
-    except EngineError as error:
-        row.status, row.reason = "error", str(error)
     except Exception as error:  # one engine's failure is a row, never the end of the run
         row.status, row.reason = "error", describe_error(error)
     finally:

@@ -1,13 +1,12 @@
 """The benchmark's quality columns: greedy agreement and perplexity against a bf16 reference, through
-engines.quality (`build_reference`, `evaluate_quality`). The reference is built once per run, by the bf16
-row or by loading bf16 first; with random weights, without quality, or without a reference, every row
-says why the columns are n/a.
+engines.quality (`build_reference`, `reference_for`, `evaluate_quality`). The reference comes once per
+run, from the bf16 row, or else from the disk cache or a bf16 loaded first; with random weights,
+without quality, or without a reference, every row says why the columns are n/a.
 """
 from __future__ import annotations
 
 from engines.dummy import RANDOM_WEIGHTS_NOTE
-from engines.protocol import EngineError, ProgressCallback, describe_error
-from engines.registry import create_engine
+from engines.protocol import ProgressCallback, describe_error
 
 REFERENCE_TOKENS = 32
 
@@ -29,20 +28,15 @@ class QualityColumns:
         return sorted(engines, key=lambda name: name != "bf16") if not self.note else list(engines)
 
     def prepare(self) -> None:
-        """Without bf16 among the engines, load it alone first for the reference, then let it go."""
+        """Without bf16 among the engines, take the reference from the disk cache or from a bf16 loaded
+        alone for it (engines.quality.reference_for)."""
         if self.note or "bf16" in self.engines:
             return
-        self.say("loading bf16 for the quality reference")
+        from engines.quality import reference_for
         try:
-            reference_engine = create_engine("bf16", model=self.model)
-            reference_engine.load(progress=self.say)
-            try:
-                self.reference = self._build_reference(reference_engine)
-            finally:
-                reference_engine.unload()
+            self.reference = reference_for(self.model, REFERENCE_TOKENS, self.say)
         except Exception as error:  # the speed and memory columns stand without quality
-            detail = str(error) if isinstance(error, EngineError) else describe_error(error)
-            self.note = f"n/a (no bf16 reference: {detail})"
+            self.note = f"n/a (no bf16 reference: {describe_error(error)})"
 
     def _build_reference(self, engine):
         from engines.quality import build_reference

@@ -1,15 +1,21 @@
 """Writes a BenchResult as results.json, results.csv, results.md and plotly charts (PNG through kaleido and
-headless Chromium, plus one HTML page). The markdown table is the one the CLI prints last."""
+headless Chromium, plus one HTML page). The markdown table is the one the CLI prints last.
+`write_png_images` is also the app's chart export (app/export.py).
+"""
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from engines.bench import BenchResult, BenchRow
+from engines.protocol import describe_error
 
 PLOT_NAMES = ("speed", "memory", "roofline", "quality")
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
 
@@ -65,18 +71,28 @@ def write_outputs(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
     html_path.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{result.model} bench</title>'
                          f'<script src="{PLOTLY_CDN.format(version=get_plotlyjs_version())}"></script></head><body>\n{divs}\n</body></html>\n')
     paths["html"] = html_path
-    import plotly.io as pio
     png_paths = [out / f"{name}.png" for name in figures]
-    try:
-        pio.write_images(list(figures.values()), png_paths, width=900, height=450)
-    except (RuntimeError, ValueError, OSError) as error:
-        # PNG export needs kaleido and a Chrome; a GPU box may have neither. The tables and the HTML
-        # plots are the results; say why the images are missing instead of losing the whole run.
-        reason = str(error).strip().splitlines()
-        (out / "plots_png_missing.txt").write_text(f"PNG plots not written: {reason[0] if reason else error}\n")
+    problem = write_png_images(list(figures.values()), png_paths, width=900, height=450)
+    if problem:
+        # A GPU box may have no kaleido or Chrome. The tables and the HTML plots are the results; say
+        # why the images are missing instead of losing the whole run.
+        (out / "plots_png_missing.txt").write_text(f"PNG plots not written: {problem}\n")
         return paths
     paths.update({f"{name}_png": path for name, path in zip(figures, png_paths)})
     return paths
+
+
+def write_png_images(figures: list, paths: list[Path], width: int, height: int) -> str:
+    """PNG files through kaleido, which drives a Chrome/Chromium found through BROWSER_PATH (Debian's
+    chromium is offered when it is not on PATH). "" on success, else why no image was written."""
+    if not os.environ.get("BROWSER_PATH") and shutil.which("chromium") is None and os.path.exists(DEBIAN_CHROMIUM):
+        os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
+    import plotly.io as pio
+    try:
+        pio.write_images(figures, paths, width=width, height=height, scale=1)
+    except Exception as error:
+        return describe_error(error)
+    return ""
 
 
 def build_figures(result: BenchResult) -> dict:

@@ -18,7 +18,7 @@ from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.registry import has_gpu
-from engines.telemetry import GenerationRecorder, MemoryProbe, release_freed_memory
+from engines.telemetry import GB, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.token_stream import TokenStreamer, text_deltas
 
 
@@ -187,7 +187,7 @@ class TransformersEngine:
         """Bytes held by parameters and buffers (packed quantized weights included), in GiB."""
         if self.model is None:
             raise EngineError(f"{self.name}: not loaded")
-        return self.model.get_memory_footprint() / 1024 ** 3
+        return self.model.get_memory_footprint() / GB
 
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)

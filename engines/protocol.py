@@ -38,9 +38,11 @@ def speculation_stats(num_drafts: int, num_draft_tokens: int, num_accepted_token
 
 
 def describe_error(error: BaseException) -> str:
-    """One line for the user from a library exception: its type and first line, the first cause with a
-    message when the outer one has none (vLLM wraps engine-core failures that way), and what to do
-    on out-of-memory."""
+    """The message a user sees for any exception: an EngineError's own text, which is already written
+    for them; for a library exception, its type and first line, the first cause with a message when the
+    outer one has none (vLLM wraps engine-core failures that way), and what to do on out-of-memory."""
+    if isinstance(error, EngineError):
+        return str(error)
     cause = error
     while cause.__cause__ is not None and not str(cause).strip():
         cause = cause.__cause__

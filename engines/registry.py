@@ -17,6 +17,10 @@ from pathlib import Path
 from engines.protocol import EngineError, EngineUnavailable
 
 
+# vLLM's rule for an FP8 KV cache on CPU; engines/vllm_support.py checks it again with torch's own predicates.
+FP8_KV_CPU_ISA_REASON = "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
@@ -88,7 +92,7 @@ def unavailable_reason(spec: EngineSpec) -> str | None:
     if missing:
         return f"package not installed: {', '.join(missing)}"
     if spec.needs_cpu_avx512_on_cpu and not has_gpu() and not ({"avx512f", "amx_tile"} & cpu_flags()):
-        return "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
+        return FP8_KV_CPU_ISA_REASON
     if os.environ.get("SPACES_ZERO_GPU") and spec.name.startswith("vllm"):
         return "vLLM needs a GPU for the whole process lifetime; ZeroGPU lends one per call"
     return None

@@ -26,7 +26,7 @@ from engines.models import ModelSource, resolve_model, trust_remote_code
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.registry import has_gpu
-from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb
+from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
 from engines.vllm_requests import (END, RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
                                    prompt_perplexity)
 from engines.vllm_support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
@@ -200,9 +200,8 @@ class VllmEngine:
             self._call(cancel_pending_tasks())
             llm.shutdown()
         self._stop_loop()
-        import gc
         import multiprocessing
-        gc.collect()
+        release_freed_memory()
         # vLLM kills a stuck engine core without joining it; polling the children reaps the zombie.
         multiprocessing.active_children()
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from engines.models import trust_remote_code
 from engines.protocol import EngineError, speculation_stats
+from engines.registry import FP8_KV_CPU_ISA_REASON
 from engines.telemetry import GB
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
@@ -116,7 +117,7 @@ def fp8_kv_unavailable_reason(head_dim: int | None) -> str | None:
     if head_dim is not None and head_dim % 32 != 0 and head_dim % 16 == 0:
         return f"FP8 KV cache on CPU requires head_size divisible by 32 (vLLM); this model's is {head_dim}"
     if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        return "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
+        return FP8_KV_CPU_ISA_REASON
     return None
 
 

@@ -9,7 +9,6 @@ wait (submit to result, completed requests) are printed. Engines: bf16 (the sess
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -22,6 +21,7 @@ from app.callbacks import AppConfig, Playground
 from app.layout import build_app, launch_options
 from app.session import EnginePool, build_choices
 from engines.telemetry import percentile
+from tests.conftest import free_loopback_port
 
 NUM_SESSIONS = 20
 PROMPTS = ("The capital of France is", "Water boils at", "The largest planet is")
@@ -33,9 +33,7 @@ DEADLINE_S = 300
 
 @pytest.fixture(scope="module")
 def server(bf16_engine):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_loopback_port()
     pool = EnginePool(None, build_choices())
     pool.adopt("bf16", bf16_engine)
     pool.load("bf16-eager")

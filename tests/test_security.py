@@ -17,6 +17,7 @@ from app.kv_tab import calculate_kv
 from engines.models import resolve_model
 from engines.protocol import EngineError
 from engines.registry import create_engine
+from tests.conftest import free_loopback_port
 
 CUSTOM_CODE = '''import pathlib
 pathlib.Path({marker!r}).write_text("ran")
@@ -117,9 +118,7 @@ def _non_loopback_address() -> str | None:
 def test_the_served_page_is_on_loopback_only_and_serves_no_arbitrary_file():
     # Issue 8, item 4, against the real server: bound to 127.0.0.1, and Gradio's file route refuses paths
     # outside the app's own temporary files (the repository, /etc).
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_loopback_port()
     demo, options = create(AppConfig(port=port))
     demo.launch(prevent_thread_lock=True, quiet=True, **options)
     try:

@@ -30,7 +30,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 sys.path.insert(0, str(_HERE.parents[1]))
 
 from engines.commands.load import measure_level  # noqa: E402
-from engines.protocol import GenerationParams  # noqa: E402
+from engines.protocol import GenerationParams, describe_error  # noqa: E402
 from engines.quality import perplexity_text, quality_prompts, token_agreement  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
 
@@ -123,7 +123,7 @@ def load(name: str, args):
 
 def error_text(error: BaseException) -> str:
     traceback.print_exception(error)
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return describe_error(error)
 
 
 def fmt(value, digits: int = 1) -> str:

@@ -34,7 +34,7 @@ RUN pip install --no-build-isolation ".[gpu]"
 
 USER 1000
 # Convert the embedded model once at build time, so the first page load does not wait for it.
-RUN python -c "from engines.models import resolve_model; print(resolve_model().path)"
+RUN python -c "from engines.models.sources import resolve_model; print(resolve_model().path)"
 
 EXPOSE 7860
 CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "7860"]

@@ -1,4 +1,4 @@
-"""The benchmark tab: run engines.bench on the chosen engines and show its table, plots and files.
+"""The benchmark tab: run engines.measure.bench on the chosen engines and show its table, plots and files.
 
 The bench creates, measures and unloads its own engines one at a time in this process; the run streams
 its progress lines, then the markdown table, the four plotly charts and the written files. On a small
@@ -14,9 +14,9 @@ from pathlib import Path
 import gradio as gr
 
 from app.hosting import on_zero_gpu
-from engines.bench import BenchConfig, run_bench
-from engines.bench_report import build_figures, to_markdown, write_outputs
-from engines.model_shape import available_configs
+from engines.measure.bench import BenchConfig, run_bench
+from engines.measure.report import build_figures, to_markdown, write_outputs
+from engines.models.shape import available_configs
 from engines.protocol import EngineError
 from engines.registry import list_engines
 

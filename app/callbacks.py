@@ -36,7 +36,7 @@ class AppConfig:
     chart_interval_s: float = 1.0
     max_queue: int = 16
     export_dir: str | None = None
-    quality_num_tokens: int | None = None   # None: the whole bf16 reference (engines/quality.py)
+    quality_num_tokens: int | None = None   # None: the whole bf16 reference (engines/measure/quality.py)
     quality_max_prompts: int | None = None
 
 
@@ -139,12 +139,12 @@ class Playground:
 
     # Quality and export --------------------------------------------------------------------------
     def quality(self, record: RunRecord | None, is_enabled: bool):
-        """Greedy agreement and perplexity against bf16 (engines/quality.py), for the finished panes.
+        """Greedy agreement and perplexity against bf16 (engines/measure/quality.py), for the finished panes.
         A generator, so the page says that quality is being computed while it is."""
         if record is None or record.is_load_only or not is_enabled:
             yield gr.skip(), gr.skip(), gr.skip()
             return
-        from engines.quality import build_reference, evaluate_quality
+        from engines.measure.quality import build_reference, evaluate_quality
         yield gr.skip(), gr.skip(), "Computing quality against bf16 (greedy agreement, perplexity)…"
         problems = []
         try:

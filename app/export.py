@@ -1,7 +1,7 @@
 """Export of a finished run: JSON (everything, with the time series), CSV (one row per engine) and
 the charts as PNG images (plotly + kaleido, which drives a Chrome/Chromium).
 
-PNGs go through engines.bench_report.write_png_images, as the bench's do. When no image can be
+PNGs go through engines.measure.report.write_png_images, as the bench's do. When no image can be
 rendered the charts are written as standalone HTML instead, and the returned note says so.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app.charts import run_figures
 from app.streaming import RunRecord
-from engines.bench_report import write_png_images
+from engines.measure.report import write_png_images
 
 QUALITY_FIELDS = ("greedy_agreement", "perplexity", "perplexity_ratio", "weight_footprint_gb", "is_suspect")
 STATS_FIELDS = ("num_tokens", "num_prompt_tokens", "ttft_s", "decode_tok_s", "itl_ms_p50", "itl_ms_p95",

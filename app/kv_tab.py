@@ -1,14 +1,15 @@
 """The KV-cache calculator tab: bytes per token and per context for a model shape (MHA against its own
 GQA/MQA layout, BF16 against FP8), tokens that fit in a memory, and a chart of KV size over context.
-The arithmetic is engines/kv_calc.py; this module is layout, one callback and one chart."""
+The arithmetic is engines/measure/kv_calc.py; this module is layout, one callback and one chart."""
 from __future__ import annotations
 
 import gradio as gr
 import plotly.graph_objects as go
 
-from engines.kv_calc import GIB, KV_DTYPE_BYTES, calculate, kv_bytes, to_markdown
-from engines.model_shape import available_configs, load_shape
-from engines.models import default_model_name
+from engines.measure.kv_calc import GIB, KV_DTYPE_BYTES, calculate, kv_bytes, to_markdown
+from engines.models.shape import available_configs
+from engines.models.sources import load_shape
+from engines.models.catalog import default_model_name
 from engines.protocol import EngineError
 
 NUM_CHART_POINTS = 64

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 
-from engines.models import default_model_name, model_config
+from engines.models.catalog import default_model_name, model_config
 from engines.protocol import EngineStats
 
 TITLE = "Inference playground"

@@ -20,6 +20,12 @@ MAX_PROMPT_CHARS = 200_000
 ProgressCallback = Callable[[str], None]
 
 
+def say(progress: ProgressCallback | None, message: str) -> None:
+    """Report progress to whoever asked for it; loads run silently when nobody did."""
+    if progress is not None:
+        progress(message)
+
+
 class EngineError(RuntimeError):
     """An error meant for the user: its message is shown as it is, without a traceback."""
 

@@ -11,14 +11,13 @@ import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
+from engines.models.catalog import ASSETS
+from engines.hardware import FP8_KV_CPU_ISA_REASON, cpu_flags, has_gpu
 from engines.protocol import EngineError, EngineUnavailable
 
 
-# vLLM's rule for an FP8 KV cache on CPU; engines/vllm_support.py checks it again with torch's own predicates.
-FP8_KV_CPU_ISA_REASON = "FP8 KV cache on CPU requires x86 with AVX-512 or AMX (vLLM); this CPU has neither"
 
 
 @dataclass(frozen=True)
@@ -34,54 +33,30 @@ class EngineSpec:
 
 SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
     EngineSpec("bf16", "BF16 (transformers)", "transformers baseline, attention eager/sdpa/flash_attention_2",
-               "engines.bf16:TransformersEngine", ("torch", "transformers")),
+               "engines.variants.transformers.engine:TransformersEngine", ("torch", "transformers")),
     EngineSpec("bf16-compiled", "BF16 + torch.compile", "static KV cache and torch.compile",
-               "engines.bf16:TransformersEngine", ("torch", "transformers"),
+               "engines.variants.transformers.engine:TransformersEngine", ("torch", "transformers"),
                defaults={"compile": True}),
     EngineSpec("gptq-int4", "INT4 GPTQ (GPTQModel)", "4-bit GPTQ, group size 128, quantized on first use",
-               "engines.gptq:GptqEngine", ("torch", "transformers", "gptqmodel", "optimum")),
+               "engines.variants.transformers.gptq:GptqEngine", ("torch", "transformers", "gptqmodel", "optimum")),
     EngineSpec("nf4", "NF4 (bitsandbytes)", "bitsandbytes 4-bit NormalFloat weights",
-               "engines.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
+               "engines.variants.transformers.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
                defaults={"bits": 4}),
     EngineSpec("int8", "INT8 (bitsandbytes)", "bitsandbytes LLM.int8 weights",
-               "engines.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
+               "engines.variants.transformers.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
                defaults={"bits": 8}),
     EngineSpec("vllm", "vLLM (paged, BF16 KV)", "vLLM paged attention, KV cache in the model dtype",
-               "engines.vllm_engine:VllmEngine", ("vllm",), defaults={"kv_cache_dtype": "auto"}),
+               "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"kv_cache_dtype": "auto"}),
     EngineSpec("vllm-fp8kv", "vLLM (paged, FP8 KV)", "vLLM paged attention with an FP8 KV cache",
-               "engines.vllm_engine:VllmEngine", ("vllm",), needs_cpu_avx512_on_cpu=True,
+               "engines.variants.vllm.engine:VllmEngine", ("vllm",), needs_cpu_avx512_on_cpu=True,
                defaults={"kv_cache_dtype": "fp8"}),
     EngineSpec("spec", "Speculative (transformers)", "assisted generation: prompt lookup, or a draft model",
-               "engines.speculative:SpeculativeEngine", ("torch", "transformers")),
+               "engines.variants.transformers.speculative:SpeculativeEngine", ("torch", "transformers")),
     EngineSpec("vllm-spec", "Speculative (vLLM)", "vLLM speculative decoding: n-gram, draft model or EAGLE",
-               "engines.vllm_engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"}),
+               "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"}),
     EngineSpec("remote", "Remote (OpenAI API)", "any OpenAI-compatible server, with its /metrics scraped",
-               "engines.remote:RemoteEngine", ("httpx", "openai", "prometheus_client")),
+               "engines.variants.remote.engine:RemoteEngine", ("httpx", "openai", "prometheus_client")),
 ]}
-
-
-@lru_cache(maxsize=1)
-def has_gpu() -> bool:
-    if os.environ.get("PLAYGROUND_FORCE_CPU") == "1":
-        return False
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetCount() > 0
-    except Exception:
-        return False
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def unavailable_reason(spec: EngineSpec) -> str | None:
@@ -102,7 +77,7 @@ REMOTE_CONFIG_KEYS = {"url", "served_model", "api_key_env", "metrics_url", "time
 
 
 def remote_config_path() -> Path:
-    default = Path(__file__).resolve().parent.parent / "assets" / "remote.toml"
+    default = ASSETS / "remote.toml"
     return Path(os.environ.get("PLAYGROUND_REMOTE_CONFIG") or default)
 
 

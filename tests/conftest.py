@@ -58,8 +58,8 @@ def artifacts_dir():
 
 @pytest.fixture(scope="session")
 def quality_reference(bf16_engine):
-    """bf16's greedy ids and perplexity (engines.quality), from the disk cache after the first run."""
-    from engines.quality import build_reference
+    """bf16's greedy ids and perplexity (engines.measure.quality), from the disk cache after the first run."""
+    from engines.measure.quality import build_reference
     return build_reference(bf16_engine, num_tokens=32)
 
 

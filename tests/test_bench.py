@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from engines.bench import BenchConfig, build_prompt, run_bench
-from engines.model_shape import load_shape
+from engines.measure.bench import BenchConfig, build_prompt, run_bench
+from engines.models.sources import load_shape
 from engines.registry import list_engines
-from engines.roofline import decode_roofline, measure_bandwidth
+from engines.measure.roofline import decode_roofline, measure_bandwidth
 
 MAX_NEW_TOKENS = 8
 AVAILABLE = {row["name"] for row in list_engines() if row["is_available"]}

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from engines.kv_calc import calculate, kv_bytes, max_tokens
-from engines.model_shape import available_configs, load_config, load_shape, shape_from_config
+from engines.measure.kv_calc import calculate, kv_bytes, max_tokens
+from engines.models.shape import available_configs, shape_from_config
+from engines.models.sources import load_config, load_shape
 from engines.protocol import EngineError
 
 GIB = 1024 ** 3

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engines.models import resolve_model
+from engines.models.sources import resolve_model
 from engines.protocol import EngineError
 from engines.registry import create_engine, list_engines
 from tests.conftest import run_stream

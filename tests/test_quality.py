@@ -1,4 +1,4 @@
-"""engines.quality on the real embedded model: the bf16 reference (cached on disk), the report of each
+"""engines.measure.quality on the real embedded model: the bf16 reference (cached on disk), the report of each
 quantized variant, the CLI's --quality, and the suspect flag raised on its own by real garbage (a bf16
 engine whose weights were scrambled after loading)."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from engines.models import default_model_name
+from engines.models.catalog import default_model_name
 from engines.protocol import EngineError
-from engines.quality import (MAX_PERPLEXITY, QualityReference, build_reference, evaluate_quality, judge,
+from engines.measure.quality import (MAX_PERPLEXITY, QualityReference, build_reference, evaluate_quality, judge,
                              perplexity_text, quality_prompts, reference_path, token_agreement)
 from engines.registry import create_engine
 
@@ -101,8 +101,8 @@ def test_generate_quality_json_adds_agreement_perplexity_and_footprint(gptq_engi
 
 
 def test_bench_row_without_the_bf16_reference_says_so_instead_of_scoring_itself(spec_engine):
-    from engines.bench import BenchRow
-    from engines.bench_quality import QualityColumns
+    from engines.measure.bench import BenchRow
+    from engines.measure.bench_quality import QualityColumns
     columns = QualityColumns(["bf16", "spec"], None, is_quality=True, is_random=False, say=lambda message: None)
     columns.prepare()  # bf16 is in the run, so its own row would build the reference; here that row failed
     row = BenchRow(engine="spec")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engines.gptq import BACKENDS, MANIFEST, cache_problem
+from engines.variants.transformers.gptq import BACKENDS, MANIFEST, cache_problem
 from engines.protocol import EngineError
-from engines.quality import perplexity_text
+from engines.measure.quality import perplexity_text
 from engines.registry import create_engine
 from tests.conftest import loaded_engine, run_stream
 

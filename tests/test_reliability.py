@@ -20,7 +20,7 @@ import torch
 
 from app.callbacks import AppConfig, Playground
 from app.session import EnginePool, PaneChoice, build_choices
-from engines.bf16 import TransformersEngine
+from engines.variants.transformers.engine import TransformersEngine
 from engines.protocol import MAX_PROMPT_CHARS, GenerationParams
 from engines.registry import create_engine
 from engines.telemetry import release_freed_memory

@@ -18,8 +18,8 @@ import time
 import httpx
 import pytest
 
-from engines.models import resolve_model
-from engines.prometheus import MetricsDelta, parse_metrics
+from engines.models.sources import resolve_model
+from engines.variants.remote.prometheus import MetricsDelta, parse_metrics
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine, list_engines
 from tests.conftest import free_loopback_port, run_stream

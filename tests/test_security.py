@@ -14,7 +14,7 @@ import pytest
 from app.__main__ import build_parser, config_from_args, create
 from app.callbacks import AppConfig
 from app.kv_tab import calculate_kv
-from engines.models import resolve_model
+from engines.models.sources import resolve_model
 from engines.protocol import EngineError
 from engines.registry import create_engine
 from tests.conftest import free_loopback_port

@@ -10,7 +10,7 @@ import pytest
 
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine
-from engines.speculative import measure_speedup
+from engines.variants.transformers.speculative import measure_speedup
 from tests.conftest import run_stream
 
 # Code that asks to be copied: prompt lookup finds its continuation in the prompt itself.

@@ -13,10 +13,11 @@ import time
 import psutil
 import pytest
 
-from engines.commands.load import measure_level, parse_levels
+from engines.cli.load import measure_level, parse_levels
 from engines.protocol import EngineError, EngineUnavailable, GenerationParams
-from engines.quality import perplexity_text
-from engines.registry import SPECS, cpu_flags, create_engine, unavailable_reason
+from engines.measure.quality import perplexity_text
+from engines.hardware import cpu_flags
+from engines.registry import SPECS, create_engine, unavailable_reason
 from engines.telemetry import process_tree_pids
 from tests.conftest import VLLM_TEST_OPTIONS, run_stream
 

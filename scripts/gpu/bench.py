@@ -6,7 +6,7 @@ Each engine runs in its own `python -m engines bench` process, so an engine that
 memory or hangs past --engine-timeout-s is a row with the reason and the next engine starts on a clean
 GPU. Every engine warms up first; speed is the median of --repeats; token times are stamped when the ids
 reach the host, which synchronizes with the GPU. Bandwidth is a 2 GiB device-to-device copy timed with
-CUDA events (engines/roofline.py), measured in each engine's process.
+CUDA events (engines/measure/roofline.py), measured in each engine's process.
 
 On an H100 with the bundle installed (PYTHONPATH=/tmp/site); engines left over when --total-budget-s
 runs out are rows saying so, to be run in a further call with --engines:
@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engines.bench import BenchResult, BenchRow  # noqa: E402
-from engines.bench_report import to_markdown, write_outputs  # noqa: E402
+from engines.measure.bench import BenchResult, BenchRow  # noqa: E402
+from engines.measure.report import to_markdown, write_outputs  # noqa: E402
 
 EMBEDDED_ENGINES = "bf16,bf16-compiled,spec,gptq-int4,nf4,int8,vllm,vllm-fp8kv,vllm-spec"
 DUMMY_ENGINES = "bf16,bf16-compiled,vllm,vllm-fp8kv,nf4,gptq-int4"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engines.attention import sdpa_backend_context  # noqa: E402
+from engines.variants.transformers.attention import sdpa_backend_context  # noqa: E402
 from engines.protocol import GenerationParams  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
 

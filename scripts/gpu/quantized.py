@@ -1,7 +1,7 @@
 """GPU verification of the quantized engines (issue 3): decode tok/s for 256 greedy tokens, peak VRAM,
 perplexity, greedy agreement with bf16 and weight footprint for bf16, nf4, int8 and gptq-int4 (plus
 gptq-int4 with marlin, which GPTQModel JIT-compiles when nvcc is there). Names the GPTQ kernel. The
-suspect column comes from engines.quality alone. One failing engine is a row with its error.
+suspect column comes from engines.measure.quality alone. One failing engine is a row with its error.
 Prints a markdown table and writes quantized.json under --out.
 
 Run on a CUDA machine with the GPU bundle (gptqmodel added with --nodeps):
@@ -85,7 +85,7 @@ def measure(key: str, args, reference) -> dict:
         row["process_peak_gb"] = engine.stats().peak_memory_gb
         row["memory_kind"] = engine.stats().memory_kind
         if reference is not None:
-            from engines.quality import evaluate_quality
+            from engines.measure.quality import evaluate_quality
             row.update({f"quality_{k}": v for k, v in evaluate_quality(engine, reference).to_dict().items()})
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -97,7 +97,7 @@ def measure(key: str, args, reference) -> dict:
 
 
 def build_quality_reference(args):
-    from engines.quality import build_reference
+    from engines.measure.quality import build_reference
     engine = create_engine("bf16", model=args.model, device=args.device)
     engine.load()
     try:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engines.protocol import GenerationParams  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
-from engines.speculative import measure_speedup  # noqa: E402
+from engines.variants.transformers.speculative import measure_speedup  # noqa: E402
 
 PROMPTS = {
     "repetitive": ("Here is a Python module:\n\n"

@@ -8,7 +8,7 @@ so bandwidth = 2 * size / time, the median of the repeats after one warm-up; uni
 On a CPU decode is often compute-bound rather than memory-bound, so the CPU fraction is a lower bound
 on how well an engine uses the machine, not a target.
 
-Weight bytes come from the model shape (engines/model_shape.py), not from the loaded engine, so the
+Weight bytes come from the model shape (engines/models/shape.py), not from the loaded engine, so the
 same figure serves engines whose weights live in another process (vLLM). The embedding table is not
 counted (a token reads one row of it); the output head is read in full.
 """
@@ -18,8 +18,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from engines.kv_calc import kv_bytes
-from engines.model_shape import ModelShape
+from engines.measure.kv_calc import kv_bytes
+from engines.models.shape import ModelShape
 
 GROUP_SIZE = 128
 # Bytes per weight of the quantized linear layers, the output head staying in the model dtype, as the

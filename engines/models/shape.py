@@ -1,7 +1,7 @@
 """A decoder-only model's shape read from its config.json: what the KV calculator and the roofline need.
 
 Configs are found by name in assets/configs/ (real architecture shapes such as llama-3-8b), as a path
-to a config.json or a checkpoint folder, or as a model name that engines.models.resolve_model knows
+to a config.json or a checkpoint folder, or as a model name that engines.models.sources.resolve_model knows
 (the embedded Gemma-3-270M). Pure Python: no torch.
 """
 from __future__ import annotations
@@ -10,9 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines.models.catalog import ASSETS, check_path_allowed, model_config
 from engines.protocol import EngineError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs"
+CONFIGS_DIR = ASSETS / "configs"
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,15 @@ def available_configs() -> list[str]:
     return sorted(path.stem for path in CONFIGS_DIR.glob("*.json"))
 
 
-def load_config(name_or_path: str) -> tuple[str, dict]:
-    """(display name, config dict) for a shipped config name, a config/checkpoint path or a model name."""
+def read_config(name_or_path: str) -> tuple[str, dict]:
+    """(display name, config dict) for a shipped config name or a config/checkpoint path; model names
+    go through engines.models.sources.load_config, which provisions them first."""
     name_or_path = (name_or_path or "").strip()
     if not name_or_path:
         raise EngineError(f"name a model config: one of {', '.join(available_configs())}, or a path")
     # Only a listed name maps into assets/configs/, so "../" in a name cannot reach another file there.
     is_shipped = name_or_path.removesuffix(".json") in available_configs()
     path = Path(name_or_path).expanduser()
-    from engines.models import check_path_allowed, model_config
     if not is_shipped and name_or_path not in model_config().get("models", {}):
         check_path_allowed(path, "config path")
     if is_shipped:
@@ -80,11 +81,8 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
     elif path.is_dir():
         path = path / "config.json"
     elif not path.is_file():
-        from engines.models import resolve_model
-        if name_or_path not in model_config().get("models", {}):
-            raise EngineError(f"config '{name_or_path}' not found: not one of {', '.join(available_configs())}, "
-                              "not a config.json or checkpoint folder, not a known model name")
-        path = resolve_model(name_or_path).path / "config.json"
+        raise EngineError(f"config '{name_or_path}' not found: not one of {', '.join(available_configs())}, "
+                          "not a config.json or checkpoint folder, not a known model name")
     if not path.is_file():
         raise EngineError(f"config '{name_or_path}': {path} does not exist")
     try:
@@ -123,8 +121,3 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
         intermediate_size=intermediate_size, vocab_size=vocab_size, num_sliding_layers=num_sliding,
         sliding_window=int(window) if window and num_sliding else None,
         is_tied_embeddings=bool(config.get("tie_word_embeddings", True)))  # transformers' default
-
-
-def load_shape(name_or_path: str) -> ModelShape:
-    name, config = load_config(name_or_path)
-    return shape_from_config(config, name)

@@ -5,7 +5,7 @@ Engines run one after another, each unloaded before the next, through the regist
 so every variant added later appears here. A variant that is unavailable or fails becomes a row with
 the reason. The speed runs use a short prompt and are the median of `num_repeats` after a warm-up;
 the encode run feeds a P-token prompt and generates one token, its TTFT is the prefill time.
-Quality comes from engines.quality (reference built once from bf16); with random weights it is n/a.
+Quality comes from engines.measure.quality (reference built once from bf16); with random weights it is n/a.
 """
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from engines.bench_quality import QualityColumns
-from engines.dummy import is_token_id_in_vocab, materialize_weights
-from engines.model_shape import load_shape
-from engines.models import DUMMY_PREFIX, resolve_model, trust_remote_code
+from engines.measure.bench_quality import QualityColumns
+from engines.models.dummy import is_token_id_in_vocab, materialize_weights
+from engines.models.sources import load_shape
+from engines.models.catalog import DUMMY_PREFIX, trust_remote_code
+from engines.models.sources import resolve_model
 from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
-from engines.registry import create_engine, get_spec, has_gpu, unavailable_reason
-from engines.roofline import decode_roofline, measure_bandwidth
+from engines.hardware import has_gpu
+from engines.registry import create_engine, get_spec, unavailable_reason
+from engines.measure.roofline import decode_roofline, measure_bandwidth
 from engines.telemetry import GB
 
 FILLER = ("The history of the city begins with a small group of people who came to live by the river. They "
@@ -188,9 +190,9 @@ def _model_and_options(name: str, config: BenchConfig, source, device: str, say)
     if source.origin != "dummy":
         return config.model, options
     target = get_spec(name).target or ""
-    if target.startswith("engines.vllm_engine:"):
+    if target.startswith("engines.variants.vllm.engine:"):
         return str(source.path), {**options, "load_format": "dummy"}
-    if target == "engines.bf16:TransformersEngine" or target.startswith("engines.speculative:"):
+    if target == "engines.variants.transformers.engine:TransformersEngine" or target.startswith("engines.variants.transformers.speculative:"):
         return str(source.path), {**options, "dummy_weights": True}
     return str(materialize_weights(source, device, say)), options
 

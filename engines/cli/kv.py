@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import math
 
-from engines.kv_calc import calculate, to_markdown
-from engines.model_shape import available_configs, load_shape
+from engines.measure.kv_calc import calculate, to_markdown
+from engines.models.shape import available_configs
+from engines.models.sources import load_shape
 from engines.protocol import EngineError
 
 

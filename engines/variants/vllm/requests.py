@@ -1,4 +1,4 @@
-"""The coroutines that drive vLLM's AsyncLLM for engines/vllm_engine.py. They run on the engine's
+"""The coroutines that drive vLLM's AsyncLLM for engines/variants/vllm/engine.py. They run on the engine's
 private event loop; results cross back to the caller's thread through a queue or a future.
 
 - `produce_deltas`: one streamed request, each output put on a queue as (text, new ids, finish reason),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from engines.attention import ATTENTION_IMPLEMENTATIONS
+from engines.variants.transformers.attention import ATTENTION_IMPLEMENTATIONS
 from engines.protocol import EngineError, GenerationParams
 
 

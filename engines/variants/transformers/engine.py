@@ -2,7 +2,7 @@
 transformers variant (nf4, int8, gptq-int4, spec).
 
 One plain generate() runs in the engine's own single worker thread, with a streamer
-(engines/token_stream.py) that stamps tokens there. The worker is one persistent thread, not one per
+(engines/variants/transformers/token_stream.py) that stamps tokens there. The worker is one persistent thread, not one per
 request, because CUDA graphs captured by torch.compile (bf16-compiled) belong to the thread that
 captured them: replaying them from another thread asserts. Subclasses override `_load_model()` (how
 weights are built) and `_generate_kwargs()` (what generate() gets extra).
@@ -13,13 +13,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
 
-from engines.attention import attention_unavailable_reason, sdpa_backend_context
-from engines.models import ModelSource, resolve_model, trust_remote_code
+from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
+from engines.models.catalog import ModelSource, trust_remote_code
+from engines.models.sources import resolve_model
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
-from engines.registry import has_gpu
+from engines.hardware import has_gpu
 from engines.telemetry import GB, GenerationRecorder, MemoryProbe, release_freed_memory
-from engines.token_stream import TokenStreamer, text_deltas
+from engines.variants.transformers.token_stream import TokenStreamer, text_deltas
 
 
 class TransformersEngine:
@@ -88,7 +89,7 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM
         attn = self.options.get("attn_implementation", "sdpa")
         if self._is_dummy():
-            from engines.dummy import random_model
+            from engines.models.dummy import random_model
             model = random_model(source.path, self._torch_dtype(), self.device, attn)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(), attn_implementation=attn,

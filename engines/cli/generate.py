@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from engines.commands.common import (add_generation_arguments, add_model_arguments, engine_options,
+from engines.cli.common import (add_generation_arguments, add_model_arguments, engine_options,
                                      generation_params, progress_to_stderr)
 from engines.protocol import EngineError, validate_prompt
 from engines.registry import create_engine
@@ -73,7 +73,7 @@ def _generate_and_score(engine, args, prompt: str, params) -> dict:
     if getattr(engine, "kernel_name", None):
         result["kernel_name"] = engine.kernel_name
     if args.quality:
-        from engines.quality import evaluate_quality, reference_for
+        from engines.measure.quality import evaluate_quality, reference_for
         reference = reference_for(args.model, args.quality_tokens, progress_to_stderr)
         progress_to_stderr(f"quality: comparing {args.engine} with bf16 on {len(reference.prompts)} prompts")
         result["quality"] = evaluate_quality(engine, reference).to_dict()

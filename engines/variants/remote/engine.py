@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from engines.http_errors import explain_http_error
-from engines.prometheus import MetricsScraper
+from engines.variants.remote.http_errors import explain_http_error
+from engines.variants.remote.prometheus import MetricsScraper
 from engines.protocol import (EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
                               validate_prompt)
 from engines.telemetry import GenerationRecorder, MemoryReading

@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engines.models import ASSETS, cache_dir, default_model_name
+from engines.models.catalog import ASSETS, cache_dir, default_model_name
 from engines.protocol import EngineError, GenerationParams, ProgressCallback
 
 PROMPTS_PATH = ASSETS / "quality_prompts.txt"

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from engines.bench import BenchResult, BenchRow
+from engines.measure.bench import BenchResult, BenchRow
 from engines.protocol import describe_error
 
 PLOT_NAMES = ("speed", "memory", "roofline", "quality")

@@ -1,6 +1,6 @@
 """`python -m engines COMMAND`: the headless face of the playground.
 
-Subcommands live in engines/commands/, one module each with `add_arguments(parser)` and
+Subcommands live in engines/cli/, one module each with `add_arguments(parser)` and
 `run(args) -> int`, imported only when chosen so that `--help` and `list` stay fast.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import sys
 from engines.protocol import EngineError
 
 COMMANDS = {
-    "list": ("engines.commands.list_engines", "list every variant, available or not, and why"),
-    "generate": ("engines.commands.generate", "stream one prompt through one engine, then print its stats"),
-    "bench": ("engines.commands.bench", "benchmark engines: speed, memory, roofline and quality tables and plots"),
-    "load": ("engines.commands.load", "N simultaneous requests against one engine: aggregate tok/s, TTFT, peak KV"),
-    "kv": ("engines.commands.kv", "KV-cache size per token and per context, and how many tokens fit in memory"),
+    "list": ("engines.cli.list_engines", "list every variant, available or not, and why"),
+    "generate": ("engines.cli.generate", "stream one prompt through one engine, then print its stats"),
+    "bench": ("engines.cli.bench", "benchmark engines: speed, memory, roofline and quality tables and plots"),
+    "load": ("engines.cli.load", "N simultaneous requests against one engine: aggregate tok/s, TTFT, peak KV"),
+    "kv": ("engines.cli.kv", "KV-cache size per token and per context, and how many tokens fit in memory"),
 }
 
 

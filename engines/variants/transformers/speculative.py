@@ -23,8 +23,9 @@ import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from engines.bf16 import TransformersEngine
-from engines.models import ModelSource, resolve_model, trust_remote_code
+from engines.variants.transformers.engine import TransformersEngine
+from engines.models.catalog import ModelSource, trust_remote_code
+from engines.models.sources import resolve_model
 from engines.protocol import EngineError, GenerationParams, ProgressCallback, describe_error, speculation_stats
 from engines.telemetry import GenerationRecorder
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engines.commands.common import add_model_arguments, engine_options, progress_to_stderr
+from engines.cli.common import add_model_arguments, engine_options, progress_to_stderr
 from engines.protocol import EngineError
 
 
@@ -24,8 +24,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from engines.bench import BenchConfig, run_bench
-    from engines.bench_report import to_markdown, write_outputs
+    from engines.measure.bench import BenchConfig, run_bench
+    from engines.measure.report import to_markdown, write_outputs
     names = [name.strip() for name in args.engines.split(",") if name.strip()]
     if args.dummy_weights and args.model:
         raise EngineError("--dummy-weights and --model exclude each other: the shape comes from the config")

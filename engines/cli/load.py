@@ -13,8 +13,8 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from engines.commands.common import add_model_arguments, engine_options, progress_to_stderr
-from engines.models import ASSETS
+from engines.cli.common import add_model_arguments, engine_options, progress_to_stderr
+from engines.models.catalog import ASSETS
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine
 from engines.telemetry import percentile

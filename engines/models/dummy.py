@@ -20,21 +20,21 @@ import json
 import shutil
 from pathlib import Path
 
-from engines.model_shape import load_config, shape_from_config
-from engines.models import DUMMY_PREFIX, ModelSource, cache_dir, resolve_model
+from engines.models.catalog import DUMMY_PREFIX, ModelSource, cache_dir
+from engines.models.shape import read_config, shape_from_config
 from engines.protocol import EngineError, ProgressCallback, describe_error
 
 RANDOM_WEIGHTS_NOTE = "n/a (random weights)"
 
 
-def provision_dummy(config_name: str, progress: ProgressCallback | None = None) -> ModelSource:
-    """A weightless checkpoint folder for a shipped shape name or a config.json path."""
-    name, config = load_config(config_name)
+def provision_dummy(config_name: str, embedded: ModelSource, progress: ProgressCallback | None = None) -> ModelSource:
+    """A weightless checkpoint folder for a shipped shape name or a config.json path, with the embedded
+    model's tokenizer."""
+    name, config = read_config(config_name)
     config = {key: value for key, value in config.items() if not key.startswith("_")}
     shape = shape_from_config(config, name)
     stem = Path(name).stem if name.endswith(".json") else Path(name).name
     target = cache_dir() / "dummy" / stem
-    embedded = resolve_model(None, progress)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(embedded.path)
     unreachable_id = len(tokenizer) - 1

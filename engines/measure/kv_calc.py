@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from engines.model_shape import ModelShape
+from engines.models.shape import ModelShape
 from engines.protocol import EngineError
 
 GIB = 1024 ** 3

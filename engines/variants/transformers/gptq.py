@@ -21,8 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engines.bf16 import TransformersEngine
-from engines.models import ASSETS, ModelSource, cache_dir, say, trust_remote_code
+from engines.variants.transformers.engine import TransformersEngine
+from engines.models.catalog import ASSETS, ModelSource, cache_dir, trust_remote_code
+from engines.protocol import say
 from engines.protocol import EngineError, ProgressCallback, describe_error
 
 CALIBRATION_PATH = ASSETS / "calibration.txt"

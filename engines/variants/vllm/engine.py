@@ -6,8 +6,8 @@ each carries the new token ids, so one speculative step that accepts three token
 three tokens. Closing the iterator cancels the request's task, and vLLM's generate() aborts the
 request in the engine core on that cancellation. KV and speculative counters come from this engine's
 own stat logger; memory is read over the process tree, since the engine core is a child process.
-Options and everything else that faces vLLM's configuration live in engines/vllm_support.py; the
-coroutines that drive AsyncLLM live in engines/vllm_requests.py.
+Options and everything else that faces vLLM's configuration live in engines/variants/vllm/support.py; the
+coroutines that drive AsyncLLM live in engines/variants/vllm/requests.py.
 
 For other modules: `last_token_ids` (of the latest stream), `perplexity(text)`, `run_concurrent()`
 (many requests at once, for the load command), `kv_stats()`, `num_unfinished_requests()`, `load_s`.
@@ -22,14 +22,16 @@ import threading
 import time
 from typing import Iterator
 
-from engines.models import ModelSource, resolve_model, trust_remote_code
+from engines.models.catalog import ModelSource, trust_remote_code
+
+from engines.models.sources import resolve_model
 from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
-from engines.registry import has_gpu
+from engines.hardware import has_gpu
 from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
-from engines.vllm_requests import (END, RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
+from engines.variants.vllm.requests import (END, RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
                                    prompt_perplexity)
-from engines.vllm_support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
+from engines.variants.vllm.support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
                                   stat_logger_factory)
 
 # vLLM logs to stdout unless told otherwise; the CLI's tables and --json own stdout. Read when vLLM is

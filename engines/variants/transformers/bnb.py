@@ -7,8 +7,8 @@ embedding is large (Gemma-3-270M's is two thirds of its parameters).
 """
 from __future__ import annotations
 
-from engines.bf16 import TransformersEngine
-from engines.models import ModelSource, trust_remote_code
+from engines.variants.transformers.engine import TransformersEngine
+from engines.models.catalog import ModelSource, trust_remote_code
 from engines.protocol import EngineError, ProgressCallback
 
 

@@ -10,6 +10,7 @@ Also here, because every engine and the UI share them: the input limits and `val
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
@@ -89,6 +90,8 @@ class GenerationParams:
             raise EngineError(f"temperature must be between 0 (greedy) and 5, got {self.temperature}")
         if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= seed < 2 ** 63:  # torch, vLLM and the servers take a signed 64-bit seed
+            raise EngineError(f"seed must be from 0 to 2**63 - 1, got {seed}")
         return GenerationParams(max_new_tokens, temperature, top_p, seed)
 
 
@@ -167,6 +170,7 @@ class EngineStats:
     num_accepted_tokens: int | None = None
     acceptance_rate: float | None = None
     mean_accepted_len: float | None = None
+    wait_s: float | None = None             # waited for the engine behind another request
     is_finished: bool = False
     finish_reason: str = ""
     samples: list[StatSample] = field(default_factory=list)
@@ -185,7 +189,8 @@ class Engine(Protocol):
 
     def load(self, progress: ProgressCallback | None = None) -> None: ...
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]: ...
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]: ...
 
     def stats(self) -> EngineStats: ...
 

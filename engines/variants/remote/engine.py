@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
-from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -27,16 +25,11 @@ from engines.variants.remote.prometheus import MetricsScraper
 from engines.protocol import (EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
                               validate_prompt)
 from engines.telemetry import GenerationRecorder, MemoryReading
+from engines.variants.streaming import Chunk, start_in_thread, stream_request
 
 CONNECT_TIMEOUT_S = 5.0
 # Finish reasons (vLLM's FINISH_REASON_STRINGS) that mean the server gave up, not that the text ended.
 SERVER_FAILURE_REASONS = ("abort", "error")
-_DONE = object()
-
-
-@dataclass(frozen=True)
-class _Finished:
-    reason: str
 
 
 class _NotMeasured:
@@ -108,50 +101,27 @@ class RemoteEngine:
         self.recorder = GenerationRecorder(self.name, _NotMeasured(), kv_probe=self.metrics.probe,
                                            sample_interval_s=0.5)
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]:
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         if self.client is None:
             raise EngineError(f"{self.name}: not loaded")
         prompt = validate_prompt(prompt)
         params = params.validate()
-        if not self._lock.acquire(blocking=False):
-            raise EngineError(f"{self.name} is busy with another request")
-        stop_event, chunks = threading.Event(), queue.Queue()
-        worker = threading.Thread(target=self._run_request, args=(prompt, params, chunks, stop_event),
-                                  name=f"{self.name}-http", daemon=True)
-        finish_reason = "cancelled"
-        try:
+        responses: list = []
+
+        def work(emit, stop):
             self.metrics.set_baseline()
             self.is_token_count_exact = True
-            self.recorder.start()
-            worker.start()
-            pending_tokens = 0
-            while True:
-                try:
-                    item = chunks.get(timeout=self.timeout_s + CONNECT_TIMEOUT_S + 5)
-                except queue.Empty:
-                    raise EngineError(f"{self.name}: no answer from {self.base_url} in {self.timeout_s:.0f} s") from None
-                if item is _DONE:
-                    break
-                if isinstance(item, EngineError):
-                    finish_reason = "error"
-                    raise item
-                if isinstance(item, _Finished):
-                    finish_reason = item.reason
-                    continue
-                text, num_tokens = item
-                pending_tokens += num_tokens
-                if text:
-                    yield StreamEvent(text, pending_tokens)
-                    pending_tokens = 0
-            if pending_tokens:
-                # Tokens without text (an EOS the server counts) still belong to the stream's total.
-                yield StreamEvent("", pending_tokens)
-        finally:
-            stop_event.set()
-            if worker.is_alive():
-                worker.join(timeout=self.timeout_s + CONNECT_TIMEOUT_S)
-            self.recorder.finish(finish_reason)
-            self._lock.release()
+            self._run_request(prompt, params, emit, stop, responses)
+
+        def abort():
+            # Closing the response unblocks a read that is waiting on a silent server.
+            for response in responses:
+                response.close()
+
+        yield from stream_request(name=self.name, recorder=self.recorder, start=start_in_thread(f"{self.name}-http", work),
+                                  max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel, abort=abort,
+                                  join_timeout_s=1.0)
 
     def _request(self, prompt: str, params: GenerationParams):
         common = {"model": self.served_model, "max_tokens": params.max_new_tokens, "stream": True,
@@ -162,10 +132,11 @@ class RemoteEngine:
                 messages=[{"role": "user", "content": prompt}], logprobs=True, **common)
         return self.client.completions.create(prompt=prompt, logprobs=0, **common)
 
-    def _run_request(self, prompt, params, chunks: queue.Queue, stop_event: threading.Event) -> None:
+    def _run_request(self, prompt, params, emit, stop: threading.Event, responses: list) -> None:
         num_tokens, finish_reason = 0, None
         try:
             with self._request(prompt, params) as response:
+                responses.append(response)
                 for chunk in response:
                     if chunk.usage is not None:
                         self._apply_usage(chunk.usage)
@@ -176,21 +147,21 @@ class RemoteEngine:
                     if count:
                         num_tokens += count
                         self.recorder.on_tokens(count)
-                        chunks.put((text, count))
+                        emit(Chunk(text=text, num_tokens=count))
                     finish_reason = choice.finish_reason or finish_reason
-                    if stop_event.is_set():
+                    if stop.is_set():
                         return
-            # vllm serve stopping with shutdown_timeout=0 ends in-flight streams with finish_reason "abort".
-            if finish_reason is None or finish_reason in SERVER_FAILURE_REASONS:
-                why = f"finish_reason '{finish_reason}'" if finish_reason else "no finish_reason"
-                raise EngineError(f"{self.name}: {self.base_url} ended the request ({why}) "
-                                  f"while streaming (after {num_tokens} tokens)")
-            chunks.put(_Finished({"stop": "eos"}.get(finish_reason, finish_reason)))
         except Exception as error:
-            chunks.put(error if isinstance(error, EngineError) else
-                       EngineError(self._explain(error, f"streaming (after {num_tokens} tokens)")))
-        finally:
-            chunks.put(_DONE)
+            if stop.is_set():
+                return
+            raise error if isinstance(error, EngineError) else \
+                EngineError(self._explain(error, f"streaming (after {num_tokens} tokens)")) from None
+        # vllm serve stopping with shutdown_timeout=0 ends in-flight streams with finish_reason "abort".
+        if finish_reason is None or finish_reason in SERVER_FAILURE_REASONS:
+            why = f"finish_reason '{finish_reason}'" if finish_reason else "no finish_reason"
+            raise EngineError(f"{self.name}: {self.base_url} ended the request ({why}) "
+                              f"while streaming (after {num_tokens} tokens)")
+        emit(Chunk(num_tokens=0, finish_reason={"stop": "eos"}.get(finish_reason, finish_reason)))
 
     def _text_and_count(self, choice) -> tuple[str, int]:
         if self.api == "chat":

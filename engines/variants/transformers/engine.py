@@ -10,7 +10,7 @@ weights are built) and `_generate_kwargs()` (what generate() gets extra).
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
@@ -20,7 +20,8 @@ from engines.protocol import (EngineError, EngineStats, EngineUnavailable, Gener
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
 from engines.telemetry import GB, GenerationRecorder, MemoryProbe, release_freed_memory
-from engines.variants.transformers.token_stream import TokenStreamer, text_deltas
+from engines.variants.streaming import Detokenizer, stream_request
+from engines.variants.transformers.token_stream import TokenStreamer
 
 
 class TransformersEngine:
@@ -109,7 +110,8 @@ class TransformersEngine:
         encoded = self.tokenizer(prompt, return_tensors="pt")
         return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]:
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         if self.model is None:
             raise EngineError(f"{self.name}: not loaded")
         prompt = validate_prompt(prompt)
@@ -119,28 +121,16 @@ class TransformersEngine:
         if num_prompt_tokens + params.max_new_tokens > self.max_context_tokens:
             raise EngineError(f"the prompt is {num_prompt_tokens} tokens and {params.max_new_tokens} new tokens "
                               f"were asked for; {self.name} accepts {self.max_context_tokens} tokens in all")
-        if not self._lock.acquire(blocking=False):
-            raise EngineError(f"{self.name} is busy with another request")
-        stop_event, future = threading.Event(), None
-        finish_reason = "cancelled"
-        try:
-            streamer = TokenStreamer(self.recorder)
-            self.recorder.start(num_prompt_tokens)
-            future = self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer,
-                                           stop_event)
-            self.last_token_ids = []
-            yield from text_deltas(streamer, self.tokenizer, self.last_token_ids)
-            error = future.exception()
-            if error is not None:
-                finish_reason = "error"
-                raise EngineError(f"{self.name}: generation failed: {describe_error(error)}") from error
-            finish_reason = "length" if len(self.last_token_ids) >= params.max_new_tokens else "eos"
-        finally:
-            stop_event.set()
-            if future is not None:
-                wait([future], timeout=60)
-            self.recorder.finish(finish_reason)
-            self._lock.release()
+        self.last_token_ids = token_ids = []
+
+        def start(emit, stop):
+            streamer = TokenStreamer(self.recorder, emit)
+            return self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop)
+
+        yield from stream_request(name=self.name, recorder=self.recorder, start=start,
+                                  max_new_tokens=params.max_new_tokens, num_prompt_tokens=num_prompt_tokens,
+                                  lock=self._lock, cancel=cancel, token_ids=token_ids,
+                                  detokenizer=Detokenizer(self.tokenizer))
 
     def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event) -> None:
         """Runs in the engine's worker thread; an exception reaches stream() through the future."""
@@ -151,17 +141,14 @@ class TransformersEngine:
             def __call__(self, ids, scores, **kwargs):
                 return torch.full((ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=ids.device)
 
-        try:
-            torch.manual_seed(params.seed)
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
-                if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            with torch.inference_mode(), sdpa_backend_context(self.options.get("sdpa_backend", "auto")):
-                self.model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
-                    min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
-                    pad_token_id=self.tokenizer.pad_token_id, **sampling, **self._generate_kwargs(params))
-        finally:
-            streamer.end()
+        torch.manual_seed(params.seed)
+        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
+            if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with torch.inference_mode(), sdpa_backend_context(self.options.get("sdpa_backend", "auto")):
+            self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
+                min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
+                pad_token_id=self.tokenizer.pad_token_id, **sampling, **self._generate_kwargs(params))
 
     def perplexity(self, text: str) -> float:
         """exp(mean next-token loss) of `text` under the loaded weights, with BOS first as Gemma needs."""
@@ -174,15 +161,11 @@ class TransformersEngine:
             raise EngineError(f"{self.name}: the tokenizer did not add BOS; perplexity without it is meaningless")
         if input_ids.shape[1] > self.max_context_tokens:
             raise EngineError(f"the text is {input_ids.shape[1]} tokens; {self.name} accepts {self.max_context_tokens}")
-        if not self._lock.acquire(blocking=False):
-            raise EngineError(f"{self.name} is busy with another request")
-        try:
+        with self._lock:
             import torch
             with torch.inference_mode():
                 loss = self.model(input_ids=input_ids, labels=input_ids).loss
             return float(torch.exp(loss.float()).item())
-        finally:
-            self._lock.release()
 
     def weight_footprint_gb(self) -> float:
         """Bytes held by parameters and buffers (packed quantized weights included), in GiB."""

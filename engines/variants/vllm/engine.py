@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import threading
 import time
 from typing import Iterator
@@ -29,7 +28,8 @@ from engines.protocol import (EngineError, EngineStats, EngineUnavailable, Gener
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
 from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
-from engines.variants.vllm.requests import (END, RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
+from engines.variants.streaming import stream_request
+from engines.variants.vllm.requests import (RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
                                    prompt_perplexity)
 from engines.variants.vllm.support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
                                   stat_logger_factory)
@@ -132,7 +132,10 @@ class VllmEngine:
                               f"for; {self.name} accepts {self.max_model_len} tokens in all (option max_model_len)")
         return prompt_ids
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[StreamEvent]:
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """Requests run concurrently (vLLM batches them); each has its own recorder, and stats() reads the
+        newest request's."""
         if self._llm is None:
             raise EngineError(f"{self.name}: not loaded")
         params = params.validate()
@@ -140,29 +143,16 @@ class VllmEngine:
         recorder = GenerationRecorder(self.name, self.memory, kv_probe=self.telemetry.snapshot)
         self.recorder = recorder
         self.telemetry.reset_counters()
-        outputs: queue.Queue = queue.Queue()
-        recorder.start(len(prompt_ids))
-        future = asyncio.run_coroutine_threadsafe(
-            produce_deltas(self._llm, self.name, prompt_ids, self._sampling_params(params), recorder, outputs),
-            self._loop)
-        token_ids: list[int] = []
-        self.last_token_ids = token_ids
-        finish_reason = "cancelled"
-        try:
-            while (item := outputs.get()) is not END:
-                if isinstance(item, BaseException):
-                    finish_reason = "error"
-                    raise EngineError(f"{self.name}: generation failed: {describe_error(item)}") from item
-                text, new_ids, reason = item
-                token_ids.extend(new_ids)
-                if reason:
-                    finish_reason = {"stop": "eos"}.get(reason, reason)
-                if new_ids:
-                    yield StreamEvent(text, len(new_ids))
-        finally:
-            if not future.done():
-                future.cancel()
-            recorder.finish(finish_reason)
+        self.last_token_ids = token_ids = []
+
+        def start(emit, stop):
+            return asyncio.run_coroutine_threadsafe(
+                produce_deltas(self._llm, self.name, prompt_ids, self._sampling_params(params), recorder, emit),
+                self._loop)
+
+        yield from stream_request(name=self.name, recorder=recorder, start=start,
+                                  max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
+                                  cancel=cancel, token_ids=token_ids, join_timeout_s=10.0)
 
     def run_concurrent(self, prompts: list[str], params: GenerationParams) -> list[RequestTiming]:
         """Submit every prompt at once (continuous batching) and time each request from that moment."""

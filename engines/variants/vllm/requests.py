@@ -1,8 +1,9 @@
 """The coroutines that drive vLLM's AsyncLLM for engines/variants/vllm/engine.py. They run on the engine's
 private event loop; results cross back to the caller's thread through a queue or a future.
 
-- `produce_deltas`: one streamed request, each output put on a queue as (text, new ids, finish reason),
-  then an exception if it failed, then `END`. Cancelling its task aborts the request in vLLM.
+- `produce_deltas`: one streamed request, each output emitted as a Chunk (text, new ids, finish reason)
+  to the shared stream loop; a failure ends the coroutine's future. Cancelling its task aborts the
+  request in vLLM.
 - `gather_timed`: many requests submitted at once (continuous batching), each timed from the submit.
 - `prompt_perplexity`: perplexity from prompt_logprobs.
 - `cancel_pending_tasks`: lets the loop stop cleanly once the engine is shut down.
@@ -12,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import queue
 import time
 from dataclasses import dataclass
 
 from engines.protocol import EngineError
+from engines.variants.streaming import Chunk
 
-END = object()
 _request_numbers = itertools.count()
 
 
@@ -34,19 +34,13 @@ def request_id(engine_name: str) -> str:
     return f"{engine_name}-{next(_request_numbers)}"
 
 
-async def produce_deltas(llm, engine_name: str, prompt_ids: list[int], sampling, recorder,
-                         outputs: queue.Queue) -> None:
-    try:
-        async for output in llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id(engine_name)):
-            completion = output.outputs[0]
-            recorder.on_tokens(len(completion.token_ids))
-            outputs.put((completion.text, list(completion.token_ids), completion.finish_reason))
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:
-        outputs.put(error)
-    finally:
-        outputs.put(END)
+async def produce_deltas(llm, engine_name: str, prompt_ids: list[int], sampling, recorder, emit) -> None:
+    async for output in llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id(engine_name)):
+        completion = output.outputs[0]
+        recorder.on_tokens(len(completion.token_ids))
+        reason = completion.finish_reason
+        emit(Chunk(token_ids=list(completion.token_ids), text=completion.text,
+                   finish_reason={"stop": "eos"}.get(reason, reason)))
 
 
 async def gather_timed(llm, engine_name: str, all_prompt_ids: list[list[int]], sampling) -> list[RequestTiming]:

@@ -6,6 +6,8 @@ One server per session (it takes a minute or more to start on CPU); the test tha
 """
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import signal
@@ -225,6 +227,45 @@ def test_silent_server_times_out():
         assert time.monotonic() - started < 10
     finally:
         listener.close()
+
+
+class _SilentCompletions(http.server.BaseHTTPRequestHandler):
+    """Lists one model, then accepts a completion request and sends nothing: a stalled server."""
+
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": [{"id": "silent", "object": "model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        time.sleep(30)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_stop_against_a_server_that_stays_silent_ends_within_one_second():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SilentCompletions)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = create_engine("remote", url=f"http://127.0.0.1:{server.server_address[1]}/v1", timeout_s=60)
+        engine.load()
+        cancel = threading.Event()
+        threading.Timer(0.5, cancel.set).start()
+        started = time.monotonic()
+        events = list(engine.stream("Hello", GenerationParams(max_new_tokens=8), cancel=cancel))
+        elapsed = time.monotonic() - started
+        assert events == []
+        # 0.5 s until Stop, then within 1 s: the server would have held the request for 30 s (timeout 60 s).
+        assert elapsed < 1.5, elapsed
+        assert engine.stats().finish_reason == "cancelled"
+    finally:
+        server.shutdown()
 
 
 def test_stopping_the_server_mid_stream_gives_a_clear_error(vllm_server, remote_engine):

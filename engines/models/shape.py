@@ -2,7 +2,7 @@
 
 Configs are found by name in assets/configs/ (real architecture shapes such as llama-3-8b), as a path
 to a config.json or a checkpoint folder, or as a model name that engines.models.sources.resolve_model knows
-(the embedded Gemma-3-270M). Pure Python: no torch.
+(the embedded Gemma-3-270M and SmolLM2-135M-Instruct). Pure Python: no torch.
 """
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.models.catalog import ASSETS, check_path_allowed, model_config
+from engines.models.catalog import CONFIGS_DIR, catalog_entries, check_path_allowed
 from engines.protocol import EngineError
-
-CONFIGS_DIR = ASSETS / "configs"
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def read_config(name_or_path: str) -> tuple[str, dict]:
     # Only a listed name maps into assets/configs/, so "../" in a name cannot reach another file there.
     is_shipped = name_or_path.removesuffix(".json") in available_configs()
     path = Path(name_or_path).expanduser()
-    if not is_shipped and name_or_path not in model_config().get("models", {}):
+    if not is_shipped and name_or_path not in catalog_entries():
         check_path_allowed(path, "config path")
     if is_shipped:
         path = CONFIGS_DIR / f"{name_or_path.removesuffix('.json')}.json"

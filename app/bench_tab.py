@@ -14,26 +14,28 @@ from pathlib import Path
 import gradio as gr
 
 from app.hosting import on_zero_gpu
+from app.inputs import flag, names, one_of, whole_number
 from engines.measure.bench import BenchConfig, run_bench
 from engines.measure.report import build_figures, to_markdown, write_outputs
 from engines.models.shape import available_configs
-from engines.protocol import EngineError
-from engines.registry import list_engines
+from engines.protocol import MAX_NEW_TOKENS_LIMIT, EngineError
+from engines.registry import SPECS, list_engines
 
 REAL_WEIGHTS = "the app's model (real weights)"
 POLL_S = 0.25
+MIN_PROMPT_TOKENS = 2          # run_bench's own floor
+MAX_PROMPT_TOKENS = 32_768     # the embedded model's context
+MAX_REPEATS = 20
 
 
 def run_bench_events(engines, max_new_tokens, prompt_tokens, repeats, dummy_choice, is_quality,
                      model: str | None = None, out_root: str | None = None):
-    """Generator for Gradio: yields (status, table, speed, memory, roofline, quality, files) as the run goes."""
+    """Generator for Gradio: yields (status, table, speed, memory, roofline, quality, files) as the run goes.
+    Every input is checked first (the tab's event passes what a client sends, unprocessed)."""
     empty = (None, None, None, None, None)
     try:
-        config = BenchConfig(engines=list(engines or []), max_new_tokens=int(max_new_tokens or 0),
-                             prompt_tokens=int(prompt_tokens or 0), num_repeats=int(repeats or 0), model=model,
-                             dummy_config=None if dummy_choice in (None, "", REAL_WEIGHTS) else dummy_choice,
-                             is_quality=bool(is_quality))
-    except (TypeError, ValueError) as error:
+        config = bench_config(engines, max_new_tokens, prompt_tokens, repeats, dummy_choice, is_quality, model)
+    except EngineError as error:
         yield (f"**Cannot run:** {error}", "", *empty)
         return
     messages: queue.Queue = queue.Queue()
@@ -70,6 +72,25 @@ def run_bench_events(engines, max_new_tokens, prompt_tokens, repeats, dummy_choi
            figures["speed"], figures["memory"], figures["roofline"], figures["quality"], files)
 
 
+def bench_config(engines, max_new_tokens, prompt_tokens, repeats, dummy_choice, is_quality,
+                 model: str | None = None) -> BenchConfig:
+    """The tab's inputs as a BenchConfig, or EngineError naming the bad one. Engines must be registry
+    names (unavailable ones are allowed: the bench reports them as such); an empty list is the bench's own
+    message. The numbers are the widgets' ranges."""
+    engine_names = names(engines, "engines")
+    unknown = [name for name in engine_names if name not in SPECS]
+    if unknown:
+        raise EngineError(f"unknown engine '{unknown[0]}'. Known engines: {', '.join(SPECS)}")
+    dummy = None if dummy_choice in (None, "", REAL_WEIGHTS) else one_of(
+        dummy_choice, "weights", [REAL_WEIGHTS] + available_configs())
+    return BenchConfig(engines=engine_names,
+                       max_new_tokens=whole_number(max_new_tokens, "new tokens N", 1, MAX_NEW_TOKENS_LIMIT),
+                       prompt_tokens=whole_number(prompt_tokens, "prompt tokens P", MIN_PROMPT_TOKENS,
+                                                  MAX_PROMPT_TOKENS),
+                       num_repeats=whole_number(repeats, "repeats", 1, MAX_REPEATS), model=model,
+                       dummy_config=dummy, is_quality=flag(is_quality, "quality against bf16"))
+
+
 def build(config=None, concurrency_id: str = "engines") -> None:
     """Create the tab's components inside the caller's Blocks/Tab context and wire the run. The run shares
     the playground's engine queue slot, so it never overlaps a visitor's engines on the GPU."""
@@ -82,9 +103,12 @@ def build(config=None, concurrency_id: str = "engines") -> None:
                                     for row in rows], value=available[:1], label="Engines (run one after another)",
                                    elem_id="bench-engines")
     with gr.Row():
-        max_new_tokens = gr.Number(64, label="New tokens N", precision=0, elem_id="bench-max-new-tokens")
-        prompt_tokens = gr.Number(256, label="Prompt tokens P (encode memory)", precision=0, elem_id="bench-prompt-tokens")
-        repeats = gr.Number(1, label="Repeats (median)", precision=0, elem_id="bench-repeats")
+        max_new_tokens = gr.Number(64, label="New tokens N", precision=0, minimum=1, maximum=MAX_NEW_TOKENS_LIMIT,
+                                   elem_id="bench-max-new-tokens")
+        prompt_tokens = gr.Number(256, label="Prompt tokens P (encode memory)", precision=0,
+                                  minimum=MIN_PROMPT_TOKENS, maximum=MAX_PROMPT_TOKENS, elem_id="bench-prompt-tokens")
+        repeats = gr.Number(1, label="Repeats (median)", precision=0, minimum=1, maximum=MAX_REPEATS,
+                            elem_id="bench-repeats")
         dummy = gr.Dropdown([REAL_WEIGHTS] + available_configs(), value=REAL_WEIGHTS, label="Weights",
                             info="or random weights of a real architecture shape", elem_id="bench-weights")
         is_quality = gr.Checkbox(True, label="Quality against bf16", elem_id="bench-quality")
@@ -103,4 +127,5 @@ def build(config=None, concurrency_id: str = "engines") -> None:
                                     model=model, out_root=out_root)
 
     button.click(on_zero_gpu(run), [engines, max_new_tokens, prompt_tokens, repeats, dummy, is_quality],
-                 [status, table, speed, memory, roofline, quality, files], concurrency_id=concurrency_id)
+                 [status, table, speed, memory, roofline, quality, files], concurrency_id=concurrency_id,
+                 api_name="bench", preprocess=False)  # inputs checked in bench_config

@@ -1,9 +1,12 @@
 """What the page's events do: pick engines, load, run (streamed), stop, unload, quality, export.
 
 One `Playground` is created per app in main(); it holds the engine pool and the per-session stop
-flags. Event functions return tuples in the order of the output lists that app/layout.py builds
-(`run_outputs`), so the callbacks never touch components and can be tested without a browser.
-Bad input becomes a status line; an engine's failure stays in its own pane.
+flags. app/layout.py builds the page and hands the Playground its `PlaygroundPage`, the named handles
+of the components the events write to. Event functions return `{component: value}` dicts keyed by
+those handles; a component left out keeps its value. Tests build the same page (no server, no
+browser) and read the updates by name.
+Every input is checked here (app/inputs.py), because the page's API passes whatever a client sends:
+bad input becomes a status line before anything loads; an engine's failure stays in its own pane.
 """
 from __future__ import annotations
 
@@ -12,17 +15,24 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from app import charts, text
 from app.export import summary_rows, write_run_files
+from app.inputs import flag, names, one_of, real_number, whole_number
 from app.session import EnginePool, RunControls
 from app.streaming import MODES, PaneResult, RunRecord, StreamMerger
 from engines.protocol import EngineError, GenerationParams, describe_error, validate_prompt
 
+if TYPE_CHECKING:
+    from app.layout import PlaygroundPage
+
 REFERENCE_ENGINE = "bf16"
 LIVE_STATUSES = ("waiting", "loading", "running")
+TEMPERATURE_MAX = 2.0   # the page's slider; the engines accept up to 5
+SEED_LIMIT = 2 ** 63     # GenerationParams.validate: 0 <= seed < 2**63
 
 
 @dataclass(frozen=True)
@@ -41,59 +51,84 @@ class AppConfig:
 
 
 class Playground:
-    """The app's event functions, bound to one engine pool."""
+    """The app's event functions, bound to one engine pool and, once app/layout.py built it, one page."""
 
     def __init__(self, config: AppConfig, pool: EnginePool):
         self.config = config
         self.pool = pool
         self.controls = RunControls()
+        self._page: PlaygroundPage | None = None
         self._reference = None
         self._reference_lock = threading.Lock()
 
+    @property
+    def page(self) -> PlaygroundPage:
+        if self._page is None:
+            raise RuntimeError("the page is not built yet: call app.layout.build_app(playground) first")
+        return self._page
+
+    def attach(self, page: PlaygroundPage) -> None:
+        """Called by app/layout.py with the components that the events write to."""
+        self._page = page
+
     # Engine picker -----------------------------------------------------------------------------
-    def select(self, keys: list[str] | None):
+    def select(self, keys):
         """Show one pane per chosen engine, titled, and hide the rest."""
-        keys = list(keys or [])
+        page = self.page
+        try:
+            keys = self._engine_keys(keys)
+        except EngineError as error:
+            return {page.status: f"⚠️ {error}"}
         shown = keys[:self.config.max_panes]
         note = (f"Only the first {self.config.max_panes} engines get a pane; {len(keys) - len(shown)} left out."
                 if len(keys) > len(shown) else "")
-        columns, titles = [], []
-        for index in range(self.config.max_panes):
+        updates = {page.status: note}
+        for index, (column, title) in enumerate(zip(page.columns, page.titles)):
             is_shown = index < len(shown)
-            columns.append(gr.update(visible=is_shown))
-            titles.append(text.pane_title(self.pool.choice(shown[index]).label, shown[index], "waiting")
-                          if is_shown else "")
-        return (note, *columns, *titles)
+            updates[column] = gr.update(visible=is_shown)
+            updates[title] = (text.pane_title(self.pool.choice(shown[index]).label, shown[index], "waiting")
+                              if is_shown else "")
+        return updates
+
+    def _engine_keys(self, keys) -> list[str]:
+        """The picker's value: distinct known engines, each one that can run here."""
+        keys = names(keys, "engines")
+        for key in keys:
+            choice = self.pool.choice(key)
+            if not choice.is_available:
+                raise EngineError(f"{key} is unavailable here: {choice.reason}")
+        return keys
 
     # Load, run, stop, unload ---------------------------------------------------------------------
-    def load(self, keys: list[str] | None, request: gr.Request | None = None):
+    def load(self, keys, request: gr.Request | None = None):
         """Load the chosen engines in parallel, each pane showing its own progress."""
         yield from self._stream(keys, None, GenerationParams(), "parallel", request)
 
     def run(self, prompt, max_new_tokens, temperature, seed, mode, keys, request: gr.Request | None = None):
         """Stream the prompt through every chosen engine; yields page updates, throttled."""
         try:
-            params = GenerationParams(max_new_tokens=_whole(max_new_tokens, "max new tokens"),
-                                      temperature=temperature if temperature is not None else float("nan"),
-                                      seed=_whole(seed, "seed")).validate()
+            temperature = real_number(temperature, "temperature")
+            if temperature > TEMPERATURE_MAX:
+                raise EngineError(f"temperature must be between 0 (greedy) and {TEMPERATURE_MAX:g}, got {temperature}")
+            params = GenerationParams(max_new_tokens=whole_number(max_new_tokens, "max new tokens"),
+                                      temperature=temperature, seed=whole_number(seed, "seed")).validate()
             prompt = validate_prompt(prompt)
-            if mode not in MODES:
-                raise EngineError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            mode = one_of(mode, "mode", MODES)
         except EngineError as error:
             yield self._message_only(f"⚠️ {error}")
             return
         yield from self._stream(keys, prompt, params, mode, request)
 
     def _stream(self, keys, prompt, params, mode, request):
-        keys = list(keys or [])
-        if not keys:
-            yield self._message_only("⚠️ pick at least one engine")
-            return
         try:
-            panes = [PaneResult(key, self.pool.choice(key).label) for key in keys[:self.config.max_panes]]
+            keys = self._engine_keys(keys)
         except EngineError as error:
             yield self._message_only(f"⚠️ {error}")
             return
+        if not keys:
+            yield self._message_only("⚠️ pick at least one engine")
+            return
+        panes = [PaneResult(key, self.pool.choice(key).label) for key in keys[:self.config.max_panes]]
         record = RunRecord(self.pool.model or "", prompt, params, mode, panes)
         session = _session(request)
         stop_event = self.controls.start(session)
@@ -108,13 +143,13 @@ class Playground:
         finally:
             self.controls.finish(session, stop_event)
 
-    def stop(self, request: gr.Request | None = None) -> str:
+    def stop(self, request: gr.Request | None = None) -> dict:
         is_running = self.controls.stop(_session(request))
-        return "Stopping every engine…" if is_running else "Nothing is running."
+        return {self.page.status: "Stopping every engine…" if is_running else "Nothing is running."}
 
     def after_stop(self, record: RunRecord | None):
         """The page after Stop cancelled a run: unfinished panes read 'stopped', with final stats."""
-        if record is None:
+        if not isinstance(record, RunRecord):
             return self._message_only("Stopped.")
         for pane in record.panes:
             if pane.status in LIVE_STATUSES or (pane.status == "ready" and not record.is_load_only):
@@ -122,35 +157,42 @@ class Playground:
                     pane.stats = self.pool.engine(pane.key).stats()
                 pane.status, pane.message = "stopped", "stopped by the user"
         record.is_finished = True
-        outputs = list(self.render(record, with_charts=True))
-        outputs[0] = text.run_status(record, is_stopped=True)
-        return tuple(outputs)
+        updates = self.render(record, with_charts=True)
+        updates[self.page.status] = text.run_status(record, is_stopped=True)
+        return updates
 
-    def unload(self) -> tuple[str, str]:
+    def unload(self) -> dict:
         unloaded = self.pool.unload_all()
         with self._reference_lock:
             self._reference = None
         status = f"Unloaded {', '.join(unloaded)}; they load again on the next run." if unloaded \
             else "No engine was loaded."
-        return status, text.loaded_summary(self.pool.loaded_keys())
+        return {self.page.status: status, self.page.loaded: text.loaded_summary(self.pool.loaded_keys())}
 
     def on_tab_closed(self, request: gr.Request) -> None:
         self.controls.stop(_session(request))
 
     # Quality and export --------------------------------------------------------------------------
-    def quality(self, record: RunRecord | None, is_enabled: bool):
+    def quality(self, record: RunRecord | None, is_enabled):
         """Greedy agreement and perplexity against bf16 (engines/measure/quality.py), for the finished panes.
         A generator, so the page says that quality is being computed while it is."""
-        if record is None or record.is_load_only or not is_enabled:
-            yield gr.skip(), gr.skip(), gr.skip()
+        page = self.page
+        try:
+            is_enabled = flag(is_enabled, "compute quality")
+        except EngineError as error:
+            yield {page.status: f"⚠️ {error}"}
+            return
+        if not isinstance(record, RunRecord) or record.is_load_only or not is_enabled:
+            yield gr.skip()
             return
         from engines.measure.quality import build_reference, evaluate_quality
-        yield gr.skip(), gr.skip(), "Computing quality against bf16 (greedy agreement, perplexity)…"
+        yield {page.status: "Computing quality against bf16 (greedy agreement, perplexity)…"}
         problems = []
         try:
             reference = self._quality_reference(build_reference)
         except Exception as error:  # any failure (out of memory too) must replace "Computing quality…"
-            yield record, self._summary(record), f"Quality: n/a ({describe_error(error)})"
+            yield {page.record: record, page.summary: self._summary(record),
+                   page.status: f"Quality: n/a ({describe_error(error)})"}
             return
         for pane in record.panes:
             if pane.status != "done":
@@ -164,8 +206,8 @@ class Playground:
             pane.quality = asdict(report)
             if report.is_suspect:
                 problems.append(f"⚠️ {pane.key} looks broken: {report.reason}")
-        yield record, self._summary(record), "Quality computed against bf16." + (" " + "; ".join(problems)
-                                                                                 if problems else "")
+        yield {page.record: record, page.summary: self._summary(record),
+               page.status: "Quality computed against bf16." + (" " + "; ".join(problems) if problems else "")}
 
     def _quality_reference(self, build_reference):
         with self._reference_lock:
@@ -173,49 +215,39 @@ class Playground:
                 self._reference = build_reference(self.pool.load(REFERENCE_ENGINE))
             return self._reference
 
-    def export(self, record: RunRecord | None):
-        if record is None or record.is_load_only:
-            return gr.skip(), "Nothing to export yet: run a prompt first."
+    def export(self, record: RunRecord | None) -> dict:
+        page = self.page
+        if not isinstance(record, RunRecord) or record.is_load_only:
+            return {page.export_note: "Nothing to export yet: run a prompt first."}
         root = Path(self.config.export_dir) if self.config.export_dir else Path(tempfile.gettempdir())
         out_dir = Path(tempfile.mkdtemp(prefix="playground-run-", dir=root))
         paths, note = write_run_files(record, out_dir)
-        return gr.update(value=[str(path) for path in paths], visible=True), note or f"Exported {len(paths)} files."
+        return {page.export_files: gr.update(value=[str(path) for path in paths], visible=True),
+                page.export_note: note or f"Exported {len(paths)} files."}
 
     # Rendering -----------------------------------------------------------------------------------
-    def render(self, record: RunRecord, with_charts: bool) -> tuple:
-        """All run outputs: status, record, loaded engines, pane titles/texts/metrics, 3 charts, summary."""
-        titles, texts, metrics = [], [], []
-        for index in range(self.config.max_panes):
-            if index < len(record.panes):
-                pane = record.panes[index]
-                titles.append(text.pane_title(pane.label, pane.key, pane.status))
-                texts.append(pane.text)
-                metrics.append(text.pane_metrics_html(pane.stats, pane.message, pane.status))
-            else:
-                titles.append(gr.skip()), texts.append(gr.skip()), metrics.append(gr.skip())
-        figures = charts.run_figures(record.panes) if with_charts else {}
-        chart_outputs = [figures[name] for name in ("tokens_per_second", "memory", "kv_blocks")] if figures \
-            else [gr.skip()] * 3
-        summary = self._summary(record) if record.is_finished and not record.is_load_only else gr.skip()
-        return (text.run_status(record), record, text.loaded_summary(self.pool.loaded_keys()),
-                *titles, *texts, *metrics, *chart_outputs, summary)
+    def render(self, record: RunRecord, with_charts: bool) -> dict:
+        """The run's updates: status, record, loaded engines, each used pane's title, text and metrics,
+        the three charts when with_charts, and the summary once a run (not a load) has finished."""
+        page = self.page
+        updates = {page.status: text.run_status(record), page.record: record,
+                   page.loaded: text.loaded_summary(self.pool.loaded_keys())}
+        for pane, title, body, metrics in zip(record.panes, page.titles, page.texts, page.metrics):
+            updates[title] = text.pane_title(pane.label, pane.key, pane.status)
+            updates[body] = pane.text
+            updates[metrics] = text.pane_metrics_html(pane.stats, pane.message, pane.status)
+        if with_charts:
+            for name, figure in charts.run_figures(record.panes).items():
+                updates[page.charts[name]] = figure
+        if record.is_finished and not record.is_load_only:
+            updates[page.summary] = self._summary(record)
+        return updates
 
     def _summary(self, record: RunRecord):
         return text.summary_table(summary_rows(record))
 
-    def _message_only(self, message: str) -> tuple:
-        return (message, *[gr.skip()] * (1 + 1 + 3 * self.config.max_panes + 3 + 1))
-
-
-def _whole(value, name: str):
-    """Gradio numbers arrive as floats (None when the box is empty); GenerationParams checks the rest."""
-    if value is None:
-        raise EngineError(f"{name} is empty: type a whole number")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise EngineError(f"{name} must be a whole number, got {value}")
-        return int(value)
-    return value
+    def _message_only(self, message: str) -> dict:
+        return {self.page.status: message}
 
 
 def _session(request: gr.Request | None) -> str:

@@ -1,25 +1,59 @@
 """The page: inputs and engine picker, one pane per engine, live charts, summary and export.
 
-Components only, and the wiring of their events to app/callbacks.py. Tabs beside the playground are
-added in `build_app`, one line each. Engine events share one queue slot ("engines"), so a visitor's
-run, load or unload never overlaps another's on the shared GPU; Stop is never queued behind them.
+Components only, and the wiring of their events to app/callbacks.py. The components that events
+write to are collected in a `PlaygroundPage`, handed to the Playground, whose callbacks return
+`{component: value}` dicts keyed by it. Tabs beside the playground are added in `build_app`, one line
+each. Engine events share one queue slot ("engines"), so a visitor's run, load or unload never overlaps
+another's on the shared GPU; Stop is never queued behind them.
+
+Every event runs with `preprocess=False`: its inputs are plain JSON values (text, numbers, lists of
+names), so the callbacks receive exactly what the browser or an API client sent and check it
+themselves (app/inputs.py), answering bad input with a status line rather than a Gradio error.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
 from app import bench_tab, charts, kv_tab, text
-from app.callbacks import Playground
+from app.callbacks import SEED_LIMIT, TEMPERATURE_MAX, Playground
 from app.hosting import on_zero_gpu
 from app.streaming import MODES, PARALLEL
+from engines.protocol import MAX_NEW_TOKENS_LIMIT
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 STYLE_PATH = ASSETS / "style.css"
 PANES_PER_ROW = 3
 ENGINE_QUEUE = "engines"
 SUMMARY_COLUMN_WIDTHS = ["10%", "8%", "6%", "7%", "8%", "8%", "10%", "8%", "8%", "10%", "8%", "9%"]
+
+
+@dataclass(frozen=True)
+class PlaygroundPage:
+    """The playground's components that events write to, by name."""
+    status: gr.Markdown
+    record: gr.State
+    loaded: gr.Markdown
+    columns: list          # gr.Column per pane
+    titles: list           # gr.Markdown per pane
+    texts: list            # gr.Textbox per pane
+    metrics: list          # gr.HTML per pane
+    charts: dict           # gr.Plot by app/charts.run_figures name: tokens_per_second, memory, kv_blocks
+    summary: gr.Dataframe
+    export_files: gr.File
+    export_note: gr.Markdown
+
+    @property
+    def run_outputs(self) -> list:
+        """What run, load and after_stop may update."""
+        return [self.status, self.record, self.loaded, *self.titles, *self.texts, *self.metrics,
+                *self.charts.values(), self.summary]
+
+    @property
+    def select_outputs(self) -> list:
+        return [self.status, *self.columns, *self.titles]
 
 
 def sample_prompts() -> list[str]:
@@ -61,11 +95,12 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                                 elem_id="prompt")
             gr.Examples([[p] for p in sample_prompts()], inputs=[prompt], label="Sample prompts")
             with gr.Row():
-                max_new_tokens = gr.Number(64, label="Max new tokens", precision=0, min_width=120,
-                                           elem_id="max-new-tokens")
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                max_new_tokens = gr.Number(64, label="Max new tokens", precision=0, minimum=1,
+                                           maximum=MAX_NEW_TOKENS_LIMIT, min_width=120, elem_id="max-new-tokens")
+                temperature = gr.Slider(0.0, TEMPERATURE_MAX, value=0.0, step=0.05, label="Temperature",
                                         info=text.TEMPERATURE_HELP, min_width=200, elem_id="temperature")
-                seed = gr.Number(0, label="Seed", precision=0, min_width=100, elem_id="seed")
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=SEED_LIMIT - 1, min_width=100,
+                                 elem_id="seed")
             with gr.Row():
                 mode = gr.Radio(list(MODES), value=PARALLEL, label="Mode", info=text.MODE_HELP, elem_id="mode")
                 compute_quality = gr.Checkbox(False, label="Compute quality after the run (greedy agreement and "
@@ -91,9 +126,10 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                     metrics.append(gr.HTML(text.pane_metrics_html(None), elem_id=f"pane-{index}-metrics"))
                 columns.append(column)
     with gr.Row(elem_id="charts"):
-        plots = [gr.Plot(figure, label=label, show_label=False, elem_id=f"chart-{name}")
-                 for figure, (name, label) in zip(charts.run_figures([]).values(),
-                                                  (("tokens", "tokens/s"), ("memory", "memory"), ("kv", "KV blocks")))]
+        plots = {name: gr.Plot(figure, label=label, show_label=False, elem_id=f"chart-{element}")
+                 for (name, figure), (element, label) in zip(charts.run_figures([]).items(),
+                                                             (("tokens", "tokens/s"), ("memory", "memory"),
+                                                              ("kv", "KV blocks")))}
     summary = gr.Dataframe(headers=text.SUMMARY_HEADERS, label="Summary (after the run)", interactive=False,
                            wrap=True, column_widths=SUMMARY_COLUMN_WIDTHS, elem_id="summary")
     with gr.Row(elem_id="export-row"):
@@ -101,19 +137,29 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
         export_note = gr.Markdown("", elem_id="export-note")
     export_files = gr.File(label="Exported files", file_count="multiple", interactive=False, visible=False,
                            elem_id="export-files")
-    record = gr.State(None)
+    page = PlaygroundPage(status=status, record=gr.State(None), loaded=loaded, columns=columns, titles=titles,
+                          texts=texts, metrics=metrics, charts=plots, summary=summary, export_files=export_files,
+                          export_note=export_note)
+    playground.attach(page)
 
-    run_outputs = [status, record, loaded, *titles, *texts, *metrics, *plots, summary]
-    picker.change(playground.select, [picker], [status, *columns, *titles], queue=False)
-    demo.load(playground.select, [picker], [status, *columns, *titles], queue=False)
-    load_event = load_button.click(on_zero_gpu(playground.load), [picker], run_outputs,
-                                   concurrency_id=ENGINE_QUEUE)
+    # Unchecked inputs on every event (see the module docstring); engine events share one queue slot.
+    unchecked = {"preprocess": False}
+    engine_event = {**unchecked, "concurrency_id": ENGINE_QUEUE}
+    picker.change(playground.select, [picker], page.select_outputs, queue=False, api_name="select", **unchecked)
+    demo.load(playground.select, [picker], page.select_outputs, queue=False, api_visibility="private", **unchecked)
+    load_event = load_button.click(on_zero_gpu(playground.load), [picker], page.run_outputs, api_name="load",
+                                   **engine_event)
     run_event = run_button.click(on_zero_gpu(playground.run),
-                                 [prompt, max_new_tokens, temperature, seed, mode, picker], run_outputs,
-                                 concurrency_id=ENGINE_QUEUE)
-    run_event.then(on_zero_gpu(playground.quality), [record, compute_quality], [record, summary, status],
-                   concurrency_id=ENGINE_QUEUE, show_progress="hidden")
-    stop_button.click(playground.stop, None, [status], cancels=[run_event, load_event], queue=False) \
-        .then(playground.after_stop, [record], run_outputs, queue=False)
-    unload_button.click(playground.unload, None, [status, loaded], concurrency_id=ENGINE_QUEUE)
-    export_button.click(playground.export, [record], [export_files, export_note])
+                                 [prompt, max_new_tokens, temperature, seed, mode, picker], page.run_outputs,
+                                 api_name="run", **engine_event)
+    run_event.then(on_zero_gpu(playground.quality), [page.record, compute_quality],
+                   [page.record, page.summary, page.status], show_progress="hidden", api_name="quality",
+                   **engine_event)
+    stop_button.click(playground.stop, None, [page.status], cancels=[run_event, load_event], queue=False,
+                      api_name="stop") \
+        .then(playground.after_stop, [page.record], page.run_outputs, queue=False, api_visibility="private",
+              **unchecked)
+    unload_button.click(playground.unload, None, [page.status, page.loaded], api_name="unload",
+                        concurrency_id=ENGINE_QUEUE)
+    export_button.click(playground.export, [page.record], [export_files, export_note], api_name="export",
+                        **unchecked)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from app.callbacks import AppConfig, Playground  # noqa: E402
+from app.layout import build_app  # noqa: E402
 from app.session import EnginePool, build_choices  # noqa: E402
 from engines.protocol import EngineError, GenerationParams  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
@@ -34,7 +35,7 @@ def standalone_tok_s(engine, prompt: str, max_new_tokens: int) -> float:
 def app_tok_s(playground: Playground, key: str, prompt: str, max_new_tokens: int) -> float:
     record = None
     for output in playground.run(prompt, max_new_tokens, 0.0, 0, "fair", [key]):
-        record = output[1]
+        record = output.get(playground.page.record, record)
     pane = record.panes[0]
     if pane.status != "done":
         raise EngineError(f"the app run ended as {pane.status}: {pane.message}")
@@ -46,6 +47,7 @@ def measure(engine, key: str, prompt: str, max_new_tokens: int, repeats: int, re
     pool = EnginePool(None, build_choices())
     pool.adopt(key, engine)
     playground = Playground(AppConfig(refresh_hz=refresh_hz), pool)
+    build_app(playground)  # the page the callbacks write to; nothing is served
     standalone_tok_s(engine, prompt, 4)
     app_tok_s(playground, key, prompt, 4)
     standalone, in_app = [], []

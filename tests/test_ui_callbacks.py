@@ -1,5 +1,7 @@
 """The playground's callbacks, driven as Gradio drives them, with real engines on the embedded model:
 bf16 (the shared session engine) and spec (prompt lookup), streaming side by side into their panes.
+The page is built (no server, no browser) so that the updates, `{component: value}` dicts, are read by
+the names of the page's components.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from app import hosting
 from app.callbacks import AppConfig, Playground
 from app.export import summary_rows
+from app.layout import build_app
 from app.session import EnginePool, PaneChoice, build_choices
 from app.text import unavailable_html
 from engines.protocol import EngineError
@@ -24,8 +27,13 @@ from engines.registry import SPECS
 PROMPT = "The capital of France is"
 # A variant that cannot load on a CPU: its real load() raises, so its pane must show the reason.
 BROKEN = PaneChoice("bf16-flash", "bf16", "BF16, flash attention", {"attn_implementation": "flash_attention_2"})
-NUM_OUTPUTS_PER_PANE = 3
 INTERLEAVE_TOKENS = 32
+
+
+def built(playground: Playground) -> Playground:
+    """The playground with its page built, as `python -m app` builds it (nothing is served)."""
+    build_app(playground)
+    return playground
 
 
 @pytest.fixture
@@ -33,21 +41,29 @@ def playground(bf16_engine, spec_engine):
     pool = EnginePool(None, build_choices() + [BROKEN])
     pool.adopt("bf16", bf16_engine)
     pool.adopt("spec", spec_engine)
-    return Playground(AppConfig(refresh_hz=5.0, chart_interval_s=0.5), pool)
+    return built(Playground(AppConfig(refresh_hz=5.0, chart_interval_s=0.5), pool))
 
 
 def run_to_end(playground, keys, prompt=PROMPT, max_new_tokens=12, mode="parallel", temperature=0.0):
-    """Consume the run generator as Gradio does; return every yielded tuple and the wall time."""
+    """Consume the run generator as Gradio does; return every yielded update and the wall time."""
     start = time.perf_counter()
     outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, mode, keys))
     return outputs, time.perf_counter() - start
 
 
 def panes_of(playground, output):
-    """(title, text, metrics html) of each pane in one yielded tuple."""
-    num_panes = playground.config.max_panes
-    titles, texts, metrics = (output[3 + i * num_panes: 3 + (i + 1) * num_panes] for i in range(NUM_OUTPUTS_PER_PANE))
-    return list(zip(titles, texts, metrics))
+    """(title, text, metrics html) of each pane in one yielded update; None where it is not updated."""
+    page = playground.page
+    return [(output.get(title), output.get(body), output.get(metrics))
+            for title, body, metrics in zip(page.titles, page.texts, page.metrics)]
+
+
+def record_of(playground, output):
+    return output[playground.page.record]
+
+
+def status_of(playground, output):
+    return output[playground.page.status]
 
 
 def test_picker_lists_every_registry_engine_and_greys_out_the_unavailable():
@@ -64,14 +80,15 @@ def test_picker_lists_every_registry_engine_and_greys_out_the_unavailable():
 
 def test_picking_engines_shows_one_titled_pane_each_up_to_the_limit(playground):
     keys = [choice.key for choice in build_choices()][:7]
-    note, *rest = playground.select(keys)
-    columns, titles = rest[:6], rest[6:]
+    page = playground.page
+    update = playground.select(keys)
+    note, columns, titles = update[page.status], [update[c] for c in page.columns], [update[t] for t in page.titles]
     assert [column["visible"] for column in columns] == [True] * 6
     assert "Only the first 6 engines" in note and "1 left out" in note
     assert all(f"`{key}`" in title for key, title in zip(keys, titles))
-    note, *rest = playground.select(["spec"])
-    assert note == "" and [column["visible"] for column in rest[:6]] == [True] + [False] * 5
-    assert "Speculative" in rest[6] and rest[7] == ""
+    update = playground.select(["spec"])
+    assert update[page.status] == "" and [update[c]["visible"] for c in page.columns] == [True] + [False] * 5
+    assert "Speculative" in update[page.titles[0]] and update[page.titles[1]] == ""
 
 
 def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16_engine):
@@ -81,7 +98,7 @@ def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16
     playground.config = AppConfig(refresh_hz=20.0, chart_interval_s=0.5)
     outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=INTERLEAVE_TOKENS)
     final = outputs[-1]
-    record = final[1]
+    record = record_of(playground, final)
     assert record.is_finished and [pane.status for pane in record.panes] == ["done", "done"]
     bf16_pane, spec_pane = record.panes
     # Speculative decoding is lossless under greedy decoding: the two panes carry the same text.
@@ -97,29 +114,30 @@ def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16
     # Parallel: at some update both engines were streaming at once, and text grew over several updates.
     assert any(all("streaming" in title for title, _, _ in panes_of(playground, output)[:2]) for output in outputs)
     assert len({panes_of(playground, output)[0][1] for output in outputs}) > 2
-    tokens_chart, memory_chart, kv_chart = final[3 + 3 * playground.config.max_panes:][:3]
+    charts = playground.page.charts
+    tokens_chart, memory_chart, kv_chart = (final[charts[name]] for name in ("tokens_per_second", "memory", "kv_blocks"))
     assert isinstance(tokens_chart, go.Figure) and len(tokens_chart.data) == 2
     assert {trace.name for trace in memory_chart.data} == {"now", "peak"} and len(memory_chart.data[0].x) == 2
     assert not kv_chart.data  # no paged engine in this run; the chart says so instead of drawing zeros
-    summary = final[-1]
+    summary = final[playground.page.summary]
     assert [row[0] for row in summary] == ["bf16", "spec"] and summary[0][-1] == "n/a"
 
 
 def test_fair_mode_runs_one_engine_at_a_time(playground):
     outputs, _ = run_to_end(playground, ["bf16", "spec"], mode="fair", max_new_tokens=8)
-    assert [pane.status for pane in outputs[-1][1].panes] == ["done", "done"]
+    assert [pane.status for pane in record_of(playground, outputs[-1]).panes] == ["done", "done"]
     for output in outputs:
         titles = [title for title, _, _ in panes_of(playground, output)[:2]]
         assert sum("streaming" in title for title in titles) <= 1, titles
-    bf16_stats, spec_stats = (pane.stats for pane in outputs[-1][1].panes)
+    bf16_stats, spec_stats = (pane.stats for pane in record_of(playground, outputs[-1]).panes)
     assert bf16_stats.decode_tok_s > 0 and spec_stats.decode_tok_s > 0
 
 
 def test_updates_are_throttled_to_the_refresh_rate(playground):
     outputs, wall_s = run_to_end(playground, ["bf16"], max_new_tokens=16)
-    num_tokens = outputs[-1][1].panes[0].stats.num_tokens
+    pane = record_of(playground, outputs[-1]).panes[0]
     assert len(outputs) <= wall_s * playground.config.refresh_hz + 3, (len(outputs), wall_s)
-    assert num_tokens == 16 or outputs[-1][1].panes[0].stats.finish_reason == "eos"
+    assert pane.stats.num_tokens == 16 or pane.stats.finish_reason == "eos"
 
 
 @pytest.mark.parametrize("prompt, max_new_tokens, temperature, keys, expected", [
@@ -136,13 +154,14 @@ def test_bad_input_is_one_status_line_and_runs_nothing(playground, bf16_engine, 
                                                        temperature, keys, expected):
     tokens_before = list(bf16_engine.last_token_ids)
     outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, "parallel", keys))
-    assert len(outputs) == 1 and expected in outputs[0][0]
+    assert len(outputs) == 1 and expected in status_of(playground, outputs[0])
+    assert list(outputs[0]) == [playground.page.status]  # nothing else on the page changes
     assert bf16_engine.last_token_ids == tokens_before
 
 
 def test_an_engine_that_cannot_load_fails_in_its_own_pane_only(playground):
     outputs, _ = run_to_end(playground, ["bf16", BROKEN.key], max_new_tokens=6)
-    good, broken = outputs[-1][1].panes
+    good, broken = record_of(playground, outputs[-1]).panes
     assert good.status == "done" and good.text.strip()
     assert broken.status == "error" and "flash_attention_2" in broken.message and not broken.text
     assert "pane-error" in panes_of(playground, outputs[-1])[1][2]
@@ -152,41 +171,42 @@ def test_an_engine_that_cannot_load_fails_in_its_own_pane_only(playground):
 def test_stop_cancels_every_engine_promptly(playground, bf16_engine, spec_engine):
     run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16", "spec"])
     for output in run:
-        if all(pane.text for pane in output[1].panes):
+        if all(pane.text for pane in record_of(playground, output).panes):
             break
     stop_pressed = time.perf_counter()
-    assert playground.stop() == "Stopping every engine…"
+    assert status_of(playground, playground.stop()) == "Stopping every engine…"
     final = list(run)[-1]
     stop_s = time.perf_counter() - stop_pressed
-    for pane in final[1].panes:
+    for pane in record_of(playground, final).panes:
         assert pane.status == "stopped" and 0 < pane.stats.num_tokens < 400
     assert stop_s < 10, stop_s
     # The engines are free again: a new request is not refused as "busy".
     outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=4)
-    assert [pane.status for pane in outputs[-1][1].panes] == ["done", "done"]
+    assert [pane.status for pane in record_of(playground, outputs[-1]).panes] == ["done", "done"]
 
 
 def test_closing_the_run_like_gradio_cancels_stops_the_engines(playground):
     run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"])
     record = None
     for output in run:
-        record = output[1]
+        record = record_of(playground, output)
         if record.panes[0].text:
             break
     run.close()  # what Gradio does to the event's iterator when Stop's `cancels=` fires
     after = playground.after_stop(record)
-    pane = after[1].panes[0]
+    pane = record_of(playground, after).panes[0]
     assert pane.status == "stopped" and pane.stats.num_tokens < 400
-    assert "stopped" in after[0]
+    assert "stopped" in status_of(playground, after)
     outputs, _ = run_to_end(playground, ["bf16"], max_new_tokens=3)
-    assert outputs[-1][1].panes[0].status == "done"
+    assert record_of(playground, outputs[-1]).panes[0].status == "done"
 
 
 def test_export_writes_json_csv_and_chart_images(playground, tmp_path):
     outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=6)
-    record = outputs[-1][1]
+    record = record_of(playground, outputs[-1])
     playground.config = AppConfig(export_dir=str(tmp_path))
-    files, note = playground.export(record)
+    exported = playground.export(record)
+    files, note = exported[playground.page.export_files], exported[playground.page.export_note]
     assert files["visible"]
     by_name = {path.rsplit("/", 1)[-1]: path for path in files["value"]}
     data = json.loads(open(by_name["run.json"]).read())
@@ -206,8 +226,10 @@ def test_export_writes_json_csv_and_chart_images(playground, tmp_path):
 def test_quality_is_shown_against_bf16(playground):
     playground.config = AppConfig(quality_num_tokens=8, quality_max_prompts=2)
     outputs, _ = run_to_end(playground, ["bf16", "spec"], max_new_tokens=4)
-    assert all(output == gr.skip() for output in list(playground.quality(outputs[-1][1], False))[0])
-    record, summary, note = list(playground.quality(outputs[-1][1], True))[-1]
+    page = playground.page
+    assert list(playground.quality(record_of(playground, outputs[-1]), False)) == [gr.skip()]
+    final = list(playground.quality(record_of(playground, outputs[-1]), True))[-1]
+    record, summary, note = final[page.record], final[page.summary], final[page.status]
     rows = summary_rows(record)
     # bf16 judged against its own reference agrees with itself on every token, and so does lossless spec.
     for row in rows:
@@ -228,9 +250,9 @@ def test_a_quality_failure_of_any_kind_replaces_the_computing_note(playground, s
     def failing_perplexity(text):
         raise error
     monkeypatch.setattr(spec_engine, "perplexity", failing_perplexity)
-    steps = list(playground.quality(outputs[-1][1], True))
-    assert steps[0][2].startswith("Computing quality")
-    record, _, note = steps[-1]
+    steps = list(playground.quality(record_of(playground, outputs[-1]), True))
+    assert status_of(playground, steps[0]).startswith("Computing quality")
+    record, note = record_of(playground, steps[-1]), status_of(playground, steps[-1])
     assert note.startswith("Quality computed against bf16.") and f"not computed for spec: {shown}" in note, note
     assert record.panes[0].quality["greedy_agreement"] == pytest.approx(1.0) and record.panes[1].quality is None
 
@@ -253,19 +275,20 @@ def test_zero_gpu_wraps_the_generation_events_only_on_zero_gpu(monkeypatch):
 def test_load_shows_progress_per_engine_then_unload_forgets_it():
     # Its own pool and engine: unloading the shared session engines would starve other test files.
     pool = EnginePool(None, build_choices())
-    playground = Playground(AppConfig(), pool)
+    playground = built(Playground(AppConfig(), pool))
     outputs = list(playground.load(["bf16-eager"]))
     titles = [panes_of(playground, output)[0][0] for output in outputs]
     notes = [panes_of(playground, output)[0][2] for output in outputs]
     assert any("loading" in title for title in titles) and "loaded" in titles[-1]
     assert any("bf16: loading" in note for note in notes), notes
-    assert outputs[-1][1].panes[0].status == "ready" and pool.loaded_keys() == ["bf16-eager"]
+    assert record_of(playground, outputs[-1]).panes[0].status == "ready" and pool.loaded_keys() == ["bf16-eager"]
     engine = pool.engine("bf16-eager")
     assert engine.options["attn_implementation"] == "eager" and engine.is_loaded
-    status, loaded = playground.unload()
+    unloaded = playground.unload()
+    status, loaded = unloaded[playground.page.status], unloaded[playground.page.loaded]
     assert "bf16-eager" in status and "none" in loaded and pool.loaded_keys() == []
     assert not engine.is_loaded
-    assert playground.unload()[0] == "No engine was loaded."
+    assert status_of(playground, playground.unload()) == "No engine was loaded."
     with pytest.raises(EngineError, match="unknown engine"):
         pool.choice("nope")
 

@@ -10,6 +10,7 @@ Also here, because every engine and the UI share them: the input limits and `val
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, runtime_checkable
@@ -182,6 +183,22 @@ class EngineStats:
         return data
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What one generated token reads, per element, as the engine resolved its own options: bytes per
+    weight of the linear layers (packed quantized weights plus their scales and zero points), of the
+    layers left in the compute dtype (embeddings, output head), and of one KV-cache element."""
+    linear_bytes_per_weight: float
+    other_bytes_per_weight: float
+    kv_bytes_per_element: float
+    label: str
+
+    @classmethod
+    def of_dtype(cls, dtype_bytes: float, kv_bytes_per_element: float | None = None, label: str = "") -> "Precision":
+        kv = dtype_bytes if kv_bytes_per_element is None else kv_bytes_per_element
+        return cls(dtype_bytes, dtype_bytes, kv, label or f"{dtype_bytes:g}-byte weights, {kv:g}-byte KV")
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What every variant implements. load() is idempotent; unload() returns the memory."""
@@ -195,3 +212,30 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def unload(self) -> None: ...
+
+    def precision(self) -> Precision | None:
+        """None where the engine cannot know (a remote server's weights)."""
+        ...
+
+
+class Scoring(ABC):
+    """A capability declared by subclassing: the engine exposes its token ids and scores text, for the
+    quality columns (greedy agreement, perplexity, weight footprint)."""
+    last_token_ids: list[int]
+
+    @abstractmethod
+    def perplexity(self, text: str) -> float: ...
+
+    @abstractmethod
+    def weight_footprint_gb(self) -> float | None: ...
+
+
+class Batching(ABC):
+    """A capability declared by subclassing: the engine serves many requests at once (continuous
+    batching) and reports its KV cache; the load command sends it every request at once."""
+
+    @abstractmethod
+    def run_concurrent(self, prompts: list[str], params: GenerationParams) -> list: ...
+
+    @abstractmethod
+    def kv_stats(self) -> dict: ...

@@ -29,14 +29,21 @@ class EngineSpec:
     requires: tuple[str, ...] = ()          # importable modules
     needs_cpu_avx512_on_cpu: bool = False   # vLLM's FP8 KV cache on a CPU
     defaults: dict = field(default_factory=dict)
+    # How the engine gets random weights of a shape (the bench's --dummy-weights): vLLM's own dummy load
+    # format ("load_format"), built from the config in the target dtype ("from_config"), or a folder
+    # of random weights saved once, for loaders that read only files ("saved").
+    random_weights: str = "saved"
+    # vLLM holds its GPU for the process lifetime; ZeroGPU lends one per call.
+    is_zerogpu_compatible: bool = True
 
 
 SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
     EngineSpec("bf16", "BF16 (transformers)", "transformers baseline, attention eager/sdpa/flash_attention_2",
-               "engines.variants.transformers.engine:TransformersEngine", ("torch", "transformers")),
+               "engines.variants.transformers.engine:TransformersEngine", ("torch", "transformers"),
+               random_weights="from_config"),
     EngineSpec("bf16-compiled", "BF16 + torch.compile", "static KV cache and torch.compile",
                "engines.variants.transformers.engine:TransformersEngine", ("torch", "transformers"),
-               defaults={"compile": True}),
+               defaults={"compile": True}, random_weights="from_config"),
     EngineSpec("gptq-int4", "INT4 GPTQ (GPTQModel)", "4-bit GPTQ, group size 128, quantized on first use",
                "engines.variants.transformers.gptq:GptqEngine", ("torch", "transformers", "gptqmodel", "optimum")),
     EngineSpec("nf4", "NF4 (bitsandbytes)", "bitsandbytes 4-bit NormalFloat weights",
@@ -46,16 +53,25 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
                "engines.variants.transformers.bnb:BitsAndBytesEngine", ("torch", "transformers", "bitsandbytes"),
                defaults={"bits": 8}),
     EngineSpec("vllm", "vLLM (paged, BF16 KV)", "vLLM paged attention, KV cache in the model dtype",
-               "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"kv_cache_dtype": "auto"}),
+               "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"kv_cache_dtype": "auto"},
+               random_weights="load_format", is_zerogpu_compatible=False),
     EngineSpec("vllm-fp8kv", "vLLM (paged, FP8 KV)", "vLLM paged attention with an FP8 KV cache",
                "engines.variants.vllm.engine:VllmEngine", ("vllm",), needs_cpu_avx512_on_cpu=True,
-               defaults={"kv_cache_dtype": "fp8"}),
+               defaults={"kv_cache_dtype": "fp8"}, random_weights="load_format", is_zerogpu_compatible=False),
     EngineSpec("spec", "Speculative (transformers)", "assisted generation: prompt lookup, or a draft model",
-               "engines.variants.transformers.speculative:SpeculativeEngine", ("torch", "transformers")),
+               "engines.variants.transformers.speculative:SpeculativeEngine", ("torch", "transformers"),
+               random_weights="from_config"),
     EngineSpec("vllm-spec", "Speculative (vLLM)", "vLLM speculative decoding: n-gram, draft model or EAGLE",
-               "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"}),
+               "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"},
+               random_weights="load_format", is_zerogpu_compatible=False),
     EngineSpec("remote", "Remote (OpenAI API)", "any OpenAI-compatible server, with its /metrics scraped",
                "engines.variants.remote.engine:RemoteEngine", ("httpx", "openai", "prometheus_client")),
+    EngineSpec("vllm-int4", "vLLM INT4 (Marlin)", "vLLM serving the 4-bit GPTQ (or AWQ) checkpoint; Marlin kernels on a GPU",
+               "engines.variants.vllm.int4:VllmInt4Engine", ("vllm",), defaults={"method": "gptq"},
+               # Random weights through vLLM's dummy loader in the INT4 layout; no ZeroGPU (vLLM). Passed only
+               # where EngineSpec has these fields (the spec redesign adds them).
+               **{key: value for key, value in {"random_weights": "load_format", "is_zerogpu_compatible": False}.items()
+                  if key in EngineSpec.__dataclass_fields__}),
 ]}
 
 
@@ -68,7 +84,7 @@ def unavailable_reason(spec: EngineSpec) -> str | None:
         return f"package not installed: {', '.join(missing)}"
     if spec.needs_cpu_avx512_on_cpu and not has_gpu() and not ({"avx512f", "amx_tile"} & cpu_flags()):
         return FP8_KV_CPU_ISA_REASON
-    if os.environ.get("SPACES_ZERO_GPU") and spec.name.startswith("vllm"):
+    if os.environ.get("SPACES_ZERO_GPU") and not spec.is_zerogpu_compatible:
         return "vLLM needs a GPU for the whole process lifetime; ZeroGPU lends one per call"
     return None
 

@@ -20,6 +20,8 @@ import psutil
 from engines.protocol import EngineStats, StatSample
 
 GB = 1024 ** 3
+# Bytes per element of the dtypes engines compute in; vLLM's 'auto' is the checkpoint's bf16.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}
 KvProbe = Callable[[], dict]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from engines.measure.bench import BenchConfig, build_prompt, run_bench
 from engines.models.sources import load_shape
-from engines.registry import list_engines
+from engines.registry import create_engine, list_engines
 from engines.measure.roofline import decode_roofline, measure_bandwidth
 
 MAX_NEW_TOKENS = 8
@@ -91,13 +91,16 @@ def test_prompt_stays_inside_a_smaller_vocabulary(bf16_engine):
 
 
 def test_roofline_counts_quantized_weights_and_fp8_kv():
+    # Bytes come from each engine's own resolved options (created, not loaded), never from its name.
     shape = load_shape("llama-3-8b")
-    bf16 = decode_roofline(shape, "bf16", bandwidth_gb_s=3000, context_tokens=1024)
+    bf16 = decode_roofline(shape, create_engine("bf16").precision(), bandwidth_gb_s=3000, context_tokens=1024)
     assert bf16.weight_bytes == 2 * (shape.num_linear_params + shape.num_lm_head_params)
     assert bf16.kv_bytes == 1024 * 128 * 1024                       # 128 KiB per token in BF16
     assert bf16.roofline_tok_s == pytest.approx(3000e9 / (bf16.weight_bytes + bf16.kv_bytes))
-    assert decode_roofline(shape, "vllm-fp8kv", 3000, 1024).kv_bytes == bf16.kv_bytes / 2
-    int4 = decode_roofline(shape, "gptq-int4", 3000, 1024)
+    fp8 = create_engine("vllm", kv_cache_dtype="fp8").precision()
+    assert decode_roofline(shape, fp8, 3000, 1024).kv_bytes == bf16.kv_bytes / 2
+    assert decode_roofline(shape, create_engine("vllm").precision(), 3000, 1024).kv_bytes == bf16.kv_bytes
+    int4 = decode_roofline(shape, create_engine("gptq-int4").precision(), 3000, 1024)
     assert 2.5 < int4.roofline_tok_s / bf16.roofline_tok_s < 3.5     # INT4 body, BF16 head
 
 

@@ -2,7 +2,7 @@
 
 For each level it reports aggregate tok/s (all generated tokens / wall time of the level), p50/p95
 TTFT counted from the moment the whole level was submitted, and the engine's peak KV usage. vLLM
-engines take every request at once (continuous batching through `run_concurrent`). Engines without
+engines take every request at once (continuous batching: they declare the Batching protocol). Engines without
 a batched path (the transformers ones serve one request at a time) get the same requests one after
 another, so their TTFT includes the wait behind earlier requests; the `serving` column says which.
 Prompts cycle through assets/prompts.txt, so requests differ. One warm-up request runs first.
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from engines.cli.common import add_model_arguments, engine_options, progress_to_stderr
 from engines.models.catalog import ASSETS
-from engines.protocol import EngineError, GenerationParams
+from engines.protocol import Batching, EngineError, GenerationParams
 from engines.registry import create_engine
 from engines.telemetry import percentile
 
@@ -62,7 +62,7 @@ def measure_level(engine, concurrency: int, params: GenerationParams) -> LoadLev
     prompts = sample_prompts()
     batch = [prompts[index % len(prompts)] for index in range(concurrency)]
     started = time.perf_counter()
-    if hasattr(engine, "run_concurrent"):
+    if isinstance(engine, Batching):
         serving, timings = "batched", engine.run_concurrent(batch, params)
         ttfts = [timing.ttft_s for timing in timings if timing.ttft_s is not None]
         num_tokens = sum(timing.num_tokens for timing in timings)

@@ -164,10 +164,11 @@ def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwi
         row.torch_peak_gb = runs[-1].torch_peak_gb
         row.memory_kind = runs[-1].memory_kind
         context = runs[0].num_prompt_tokens + config.max_new_tokens // 2
-        roofline = decode_roofline(shape, name, bandwidth.bandwidth_gb_s, context,
-                                   options.get("dtype", "bfloat16"))
-        row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / GB
-        row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
+        precision = engine.precision()
+        if precision is not None:
+            roofline = decode_roofline(shape, precision, bandwidth.bandwidth_gb_s, context)
+            row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / GB
+            row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
         try:
             quality.evaluate(engine, row)
         except Exception as error:  # speed and memory stand even when the quality pass fails
@@ -189,10 +190,10 @@ def _model_and_options(name: str, config: BenchConfig, source, device: str, say)
     options = dict(config.engine_options)
     if source.origin != "dummy":
         return config.model, options
-    target = get_spec(name).target or ""
-    if target.startswith("engines.variants.vllm.engine:"):
+    way = get_spec(name).random_weights
+    if way == "load_format":
         return str(source.path), {**options, "load_format": "dummy"}
-    if target == "engines.variants.transformers.engine:TransformersEngine" or target.startswith("engines.variants.transformers.speculative:"):
+    if way == "from_config":
         return str(source.path), {**options, "dummy_weights": True}
     return str(materialize_weights(source, device, say)), options
 

@@ -6,8 +6,9 @@
 - perplexity on assets/perplexity.txt (BOS first, as Gemma needs), and its ratio to bf16's.
 - weight_footprint_gb: parameter and buffer bytes of the loaded weights.
 
-Engines are called duck-typed: `perplexity(text)`, `weight_footprint_gb()` and `last_token_ids` (the
-ids of the latest stream) are used where the engine has them, else the measure reads None ("n/a").
+Engines that declare the Scoring protocol (engines/protocol.py) give `last_token_ids` (the ids of the
+latest stream), `perplexity(text)` and `weight_footprint_gb()`; for any other engine these measures
+read None ("n/a").
 The bf16 reference is cached on disk (JSON) keyed by model, device, N and the assets' hash.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.models.catalog import ASSETS, cache_dir, default_model_name
-from engines.protocol import EngineError, GenerationParams, ProgressCallback
+from engines.protocol import EngineError, GenerationParams, ProgressCallback, Scoring
 
 PROMPTS_PATH = ASSETS / "quality_prompts.txt"
 PERPLEXITY_PATH = ASSETS / "perplexity.txt"
@@ -99,13 +100,13 @@ def build_reference(bf16_engine, num_tokens: int = 32, use_cache: bool = True) -
     cached = _cached_reference(path) if use_cache else None
     if cached is not None:
         return cached
+    if not isinstance(bf16_engine, Scoring):
+        raise EngineError(f"{bf16_engine.name} does not expose the token ids it generated; it cannot be a reference")
     prompts = quality_prompts()
     reference = QualityReference(model=model, device=bf16_engine.device, num_tokens=num_tokens, prompts=prompts,
                                  token_ids=[_greedy_ids(bf16_engine, prompt, num_tokens) for prompt in prompts],
-                                 perplexity=_call(bf16_engine, "perplexity", perplexity_text()),
+                                 perplexity=bf16_engine.perplexity(perplexity_text()),
                                  assets_sha256=assets_sha256())
-    if any(ids is None for ids in reference.token_ids):
-        raise EngineError(f"{bf16_engine.name} does not expose the token ids it generated; it cannot be a reference")
     reference.save(path)
     return reference
 
@@ -140,19 +141,21 @@ def evaluate_quality(engine, reference: QualityReference, num_tokens: int | None
     CPU variants in tests); they default to the whole reference."""
     num_tokens = min(num_tokens or reference.num_tokens, reference.num_tokens)
     pairs = list(zip(reference.prompts, reference.token_ids))[:max_prompts]
+    if not isinstance(engine, Scoring):
+        return QualityReport(engine=engine.name, greedy_agreement=None, perplexity=None, perplexity_ratio=None,
+                             weight_footprint_gb=None, reference_perplexity=reference.perplexity,
+                             num_prompts=0, num_tokens=num_tokens, is_suspect=False,
+                             reason="n/a: the engine exposes neither token ids nor perplexity")
     agreements = []
     for prompt, expected in pairs:
         generated = _greedy_ids(engine, prompt, num_tokens)
-        if generated is None:
-            agreements = None
-            break
         agreements.append(token_agreement(expected[:num_tokens], generated[:num_tokens]))
     agreement = sum(agreements) / len(agreements) if agreements else None
-    perplexity = _call(engine, "perplexity", perplexity_text())
+    perplexity = engine.perplexity(perplexity_text())
     ratio = perplexity / reference.perplexity if perplexity is not None and reference.perplexity else None
     is_suspect, reason = judge(agreement, perplexity, ratio)
     return QualityReport(engine=engine.name, greedy_agreement=agreement, perplexity=perplexity,
-                         perplexity_ratio=ratio, weight_footprint_gb=_call(engine, "weight_footprint_gb"),
+                         perplexity_ratio=ratio, weight_footprint_gb=engine.weight_footprint_gb(),
                          reference_perplexity=reference.perplexity, num_prompts=len(pairs), num_tokens=num_tokens,
                          is_suspect=is_suspect, reason=reason)
 
@@ -180,14 +183,7 @@ def judge(agreement: float | None, perplexity: float | None, ratio: float | None
     return bool(reasons), "; ".join(reasons) or "close to bf16"
 
 
-def _greedy_ids(engine, prompt: str, num_tokens: int) -> list[int] | None:
-    pieces = [event.text for event in engine.stream(prompt, GenerationParams(max_new_tokens=num_tokens))]
-    ids = getattr(engine, "last_token_ids", None)
-    if ids is None and getattr(engine, "tokenizer", None) is not None:
-        ids = engine.tokenizer("".join(pieces), add_special_tokens=False).input_ids
-    return list(ids)[:num_tokens] if ids is not None else None
-
-
-def _call(engine, method: str, *args):
-    function = getattr(engine, method, None)
-    return None if function is None else function(*args)
+def _greedy_ids(engine: Scoring, prompt: str, num_tokens: int) -> list[int]:
+    for _ in engine.stream(prompt, GenerationParams(max_new_tokens=num_tokens)):
+        pass
+    return list(engine.last_token_ids)[:num_tokens]

@@ -8,9 +8,10 @@ so bandwidth = 2 * size / time, the median of the repeats after one warm-up; uni
 On a CPU decode is often compute-bound rather than memory-bound, so the CPU fraction is a lower bound
 on how well an engine uses the machine, not a target.
 
-Weight bytes come from the model shape (engines/models/shape.py), not from the loaded engine, so the
-same figure serves engines whose weights live in another process (vLLM). The embedding table is not
-counted (a token reads one row of it); the output head is read in full.
+Weight counts come from the model shape (engines/models/shape.py) and bytes per element from the
+engine's own `precision()` (its resolved options: quantization, compute dtype, KV dtype), never from
+its name, so the same figure serves engines whose weights live in another process (vLLM). The
+embedding table is not counted (a token reads one row of it); the output head is read in full.
 """
 from __future__ import annotations
 
@@ -20,20 +21,8 @@ from dataclasses import dataclass
 
 from engines.measure.kv_calc import kv_bytes
 from engines.models.shape import ModelShape
-
-GROUP_SIZE = 128
-# Bytes per weight of the quantized linear layers, the output head staying in the model dtype, as the
-# variants configure them: GPTQ 4-bit with an fp16 scale and a 4-bit zero point per group of 128;
-# bitsandbytes NF4 with an fp32 absmax per block of 64 (no double quantization); LLM.int8 with one fp32
-# scale per output row (negligible, left out).
-QUANTIZED_LINEAR_BYTES = {
-    "gptq-int4": 0.5 + 2 / GROUP_SIZE + 0.5 / GROUP_SIZE,
-    "nf4": 0.5 + 4 / 64,
-    "int8": 1.0,
-}
-FP8_KV_ENGINES = ("vllm-fp8kv",)
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}
-
+from engines.protocol import Precision
+from engines.telemetry import DTYPE_BYTES  # noqa: F401  (re-exported for the variants' own roofline bytes)
 
 @dataclass
 class Bandwidth:
@@ -82,20 +71,11 @@ def measure_bandwidth(device: str, copy_bytes: int | None = None, num_repeats: i
     return Bandwidth(2 * copy_bytes / statistics.median(seconds) / 1e9, copy_bytes, num_repeats, device, method)
 
 
-def linear_bytes_per_weight(engine: str, dtype: str = "bfloat16") -> float:
-    return QUANTIZED_LINEAR_BYTES.get(engine, DTYPE_BYTES.get(dtype, 2))
-
-
-def kv_bytes_per_element(engine: str, dtype: str = "bfloat16") -> float:
-    return 1 if engine in FP8_KV_ENGINES else DTYPE_BYTES.get(dtype, 2)
-
-
-def decode_roofline(shape: ModelShape, engine: str, bandwidth_gb_s: float, context_tokens: int,
-                    dtype: str = "bfloat16") -> Roofline:
-    """The batch-1 decode ceiling of `engine` on `shape` at an average context of `context_tokens`."""
-    head_bytes = DTYPE_BYTES.get(dtype, 2)
-    weight_bytes = shape.num_linear_params * linear_bytes_per_weight(engine, dtype) \
-        + shape.num_lm_head_params * head_bytes
-    kv = kv_bytes(shape, context_tokens, kv_bytes_per_element(engine, dtype))
+def decode_roofline(shape: ModelShape, precision: Precision, bandwidth_gb_s: float, context_tokens: int) -> Roofline:
+    """The batch-1 decode ceiling on `shape` at an average context of `context_tokens`, for an engine
+    that reads what `precision` says per weight and per KV element."""
+    weight_bytes = shape.num_linear_params * precision.linear_bytes_per_weight \
+        + shape.num_lm_head_params * precision.other_bytes_per_weight
+    kv = kv_bytes(shape, context_tokens, precision.kv_bytes_per_element)
     total = weight_bytes + kv
     return Roofline(total, weight_bytes, kv, context_tokens, bandwidth_gb_s * 1e9 / total)

@@ -189,6 +189,10 @@ class RemoteEngine:
     def _explain(self, error: BaseException, doing: str) -> str:
         return explain_http_error(error, f"{self.name}: {self.base_url}", doing, self.timeout_s)
 
+    def precision(self) -> None:
+        """The server's weights and KV dtype are not visible from the client."""
+        return None
+
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from engines.variants.transformers.engine import TransformersEngine
 from engines.models.catalog import ModelSource, trust_remote_code
-from engines.protocol import EngineError, ProgressCallback
+from engines.protocol import EngineError, Precision, ProgressCallback
 
 
 class BitsAndBytesEngine(TransformersEngine):
@@ -21,6 +21,20 @@ class BitsAndBytesEngine(TransformersEngine):
         if bits not in (4, 8):
             raise EngineError(f"{self.name}: bits must be 4 (NF4) or 8 (LLM.int8), got {bits!r}")
         return bits
+
+    def precision(self) -> Precision:
+        """NF4: 4 bits plus an fp32 absmax per block of 64 (with double quantization, an 8-bit absmax and
+        an fp32 scale per 256 blocks); LLM.int8: 1 byte plus an fp32 scale per output row, left out.
+        Embeddings, the output head and the KV cache stay in the compute dtype."""
+        compute = super().precision()
+        if self.bits == 8:
+            linear, label = 1.0, "LLM.int8 linear"
+        elif self.options.get("double_quant"):
+            linear, label = 0.5 + 1 / 64 + 4 / (64 * 256), "NF4 (double quant) linear"
+        else:
+            linear, label = 0.5 + 4 / 64, "NF4 linear"
+        return Precision(linear, compute.other_bytes_per_weight, compute.kv_bytes_per_element,
+                         f"{label}, {compute.label} elsewhere")
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig

@@ -16,15 +16,15 @@ from typing import Iterator
 from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
 from engines.models.catalog import ModelSource, trust_remote_code
 from engines.models.sources import resolve_model
-from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
+from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision, Scoring,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
-from engines.telemetry import GB, GenerationRecorder, MemoryProbe, release_freed_memory
+from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.variants.streaming import Detokenizer, stream_request
 from engines.variants.transformers.token_stream import TokenStreamer
 
 
-class TransformersEngine:
+class TransformersEngine(Scoring):
     """An in-process transformers model. load() is idempotent; stream() is one request at a time."""
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
@@ -172,6 +172,11 @@ class TransformersEngine:
         if self.model is None:
             raise EngineError(f"{self.name}: not loaded")
         return self.model.get_memory_footprint() / GB
+
+    def precision(self) -> Precision:
+        """Weights and KV cache in the compute dtype; quantized subclasses override the linear bytes."""
+        dtype_bytes = DTYPE_BYTES[self.options.get("dtype", "bfloat16")]
+        return Precision.of_dtype(dtype_bytes, label=self.options.get("dtype", "bfloat16"))
 
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)

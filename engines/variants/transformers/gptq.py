@@ -24,7 +24,7 @@ from pathlib import Path
 from engines.variants.transformers.engine import TransformersEngine
 from engines.models.catalog import ASSETS, ModelSource, cache_dir, trust_remote_code
 from engines.protocol import say
-from engines.protocol import EngineError, ProgressCallback, describe_error
+from engines.protocol import EngineError, Precision, ProgressCallback, describe_error
 
 CALIBRATION_PATH = ASSETS / "calibration.txt"
 MANIFEST = "manifest.json"
@@ -174,6 +174,14 @@ class GptqEngine(TransformersEngine):
                                          num_calibration_samples=int(options.get("num_calibration_samples", 16)))
         except (TypeError, ValueError) as error:
             raise EngineError(f"{name}: group_size and num_calibration_samples must be whole numbers ({error})") from None
+
+    def precision(self) -> Precision:
+        """4-bit weights with an fp16 scale and a 4-bit zero point per group of group_size; the output
+        head, embeddings and KV cache stay in the compute dtype."""
+        compute = super().precision()
+        group = self.settings.group_size
+        return Precision(0.5 + 2 / group + 0.5 / group, compute.other_bytes_per_weight,
+                         compute.kv_bytes_per_element, f"GPTQ INT4 g{group} linear, {compute.label} elsewhere")
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         device = "cuda" if self.device.startswith("cuda") else "cpu"

@@ -24,10 +24,11 @@ from typing import Iterator
 from engines.models.catalog import ModelSource, trust_remote_code
 
 from engines.models.sources import resolve_model
-from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams,
+from engines.protocol import (Batching, EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision,
+                              Scoring,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
-from engines.telemetry import GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
+from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
 from engines.variants.streaming import stream_request
 from engines.variants.vllm.requests import (RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
                                    prompt_perplexity)
@@ -39,7 +40,7 @@ from engines.variants.vllm.support import (KvTelemetry, VllmOptions, fp8_kv_unav
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
-class VllmEngine:
+class VllmEngine(Scoring, Batching):
     """One AsyncLLM with its own event-loop thread, stat logger and memory share."""
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
@@ -173,6 +174,16 @@ class VllmEngine:
             raise EngineError("perplexity needs a text of at least one token")
         sampling = self._sampling_params(GenerationParams(max_new_tokens=1), prompt_logprobs=0)
         return self._call(prompt_perplexity(self._llm, self.name, prompt_ids, sampling))
+
+    def precision(self) -> Precision:
+        """Weights in the checkpoint dtype (bf16 here); KV in kv_cache_dtype: any fp8 variant is 1 byte."""
+        weight_bytes = DTYPE_BYTES.get(self.options.engine_args.get("dtype", "auto"), 2)
+        kv = 1 if self.options.kv_cache_dtype.startswith("fp8") else weight_bytes
+        return Precision.of_dtype(weight_bytes, kv, f"{weight_bytes}-byte weights, KV {self.options.kv_cache_dtype}")
+
+    def weight_footprint_gb(self) -> float | None:
+        """The weights live in the engine core's process; this process cannot count them."""
+        return None
 
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)

@@ -96,8 +96,13 @@ class GenerationParams:
         return GenerationParams(max_new_tokens, temperature, top_p, seed)
 
 
-def validate_prompt(prompt: object) -> str:
-    """Return the prompt if it can be generated from, else raise EngineError saying why."""
+def validate_prompt(prompt: object) -> "str | ChatPrompt":
+    """Return the prompt if it can be generated from, else raise EngineError saying why. A ChatPrompt's
+    messages were checked when it was built; its ids must not be empty."""
+    if isinstance(prompt, ChatPrompt):
+        if not prompt.token_ids:
+            raise EngineError("the chat prompt has no token ids")
+        return prompt
     if isinstance(prompt, bytes):
         try:
             prompt = prompt.decode("utf-8")
@@ -123,6 +128,22 @@ def validate_prompt(prompt: object) -> str:
         raise EngineError(f"the prompt contains a control character (U+{ord(prompt[control]):04X} at character "
                           f"{control}); only tab, newline and carriage return are accepted")
     return prompt
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat turn as token ids, built once from the model's chat template (engines/models/chat.py), so
+    every local engine is given the same ids; remote engines send `messages` to /v1/chat/completions.
+    An engine's stream() takes a plain string (completion mode) or one of these."""
+    messages: tuple[dict[str, str], ...]    # what the template was given (the system message first, if any)
+    text: str                               # the rendered template, ending with the assistant's header
+    token_ids: tuple[int, ...]              # the prompt every local engine feeds the model
+    stop_token_ids: tuple[int, ...]         # end of turn first, then EOS; generation stops at any of them
+    stop_strings: tuple[str, ...]           # those tokens' text, for engines that stop on strings
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
@@ -206,7 +227,7 @@ class Engine(Protocol):
 
     def load(self, progress: ProgressCallback | None = None) -> None: ...
 
-    def stream(self, prompt: str, params: GenerationParams,
+    def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]: ...
 
     def stats(self) -> EngineStats: ...

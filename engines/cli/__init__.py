@@ -2,12 +2,21 @@
 
 Subcommands live in engines/cli/, one module each with `add_arguments(parser)` and
 `run(args) -> int`, imported only when chosen so that `--help` and `list` stay fast.
+
+Also here: `ProcessOwner`, which the app (app/__main__.py) and every command run inside, so that no
+engine process outlives them (below).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
+from typing import Callable
 
 from engines.protocol import EngineError
 
@@ -31,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not _is_entry_point():  # called as a library (the tests): the caller owns its processes
+        return _run(args)
+    with ProcessOwner() as owner:
+        status = _run(args)
+    return owner.exit_status or status
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args)
     except EngineError as error:
@@ -39,3 +56,170 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+
+
+def _is_entry_point() -> bool:
+    """Whether this process was started as `python -m engines`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "engines.__main__"
+
+
+# Engine processes end with the process that started them -----------------------------------------
+# vLLM runs its engine core in a child process, which starts the workers. A Python process ended by
+# SIGTERM runs no cleanup, so they lived on, reparented to init. Inside a ProcessOwner, SIGTERM and
+# SIGINT unwind the main thread like Ctrl-C; the engines are unloaded (`unload`, and the commands' own
+# `finally: engine.unload()`), then every descendant still there is terminated and, after 3 s, killed:
+# all within 10 s of the signal, a second signal at once. A watchdog process does the same if this one
+# is killed outright (SIGKILL, the out-of-memory killer): it notes this process's descendants twice a
+# second and ends them when its parent is gone. prctl(PR_SET_PDEATHSIG) would need code in every child
+# and fires when the *thread* that started the child ends; vLLM starts its engine core from whichever
+# thread loads it (in the app, a pane's short-lived worker thread), so it would kill a working engine.
+UNLOAD_BUDGET_S = 4.0
+TERMINATE_WAIT_S = 3.0
+EXIT_GRACE_S = 1.5
+WATCH_INTERVAL_S = 0.5
+
+WATCHDOG = """
+import os, signal, sys, time
+import psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
+parent_pid, interval_s, wait_s = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+try:
+    parent = psutil.Process(parent_pid)
+except psutil.NoSuchProcess:
+    sys.exit(0)
+known = []
+while os.getppid() == parent_pid:
+    try:
+        known = [child for child in parent.children(recursive=True) if child.pid != os.getpid()]
+    except psutil.Error:
+        pass
+    time.sleep(interval_s)
+found = {}
+for process in known:  # is_running() compares start times, so a reused pid is left alone
+    try:
+        if process.is_running():
+            found[process.pid] = process
+            found.update((child.pid, child) for child in process.children(recursive=True))
+    except psutil.Error:
+        pass
+for process in found.values():
+    try:
+        process.terminate()
+    except psutil.Error:
+        pass
+for process in psutil.wait_procs(list(found.values()), timeout=wait_s)[1]:
+    try:
+        process.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def end_processes(processes: list, wait_s: float = TERMINATE_WAIT_S) -> list[int]:
+    """Terminate the psutil processes, wait up to wait_s, kill what is left; the pids that needed the kill."""
+    import psutil
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    alive = psutil.wait_procs(processes, timeout=wait_s)[1] if wait_s > 0 else processes
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=1.0)
+    return [process.pid for process in alive]
+
+
+def descendants() -> list:
+    import psutil
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+class ProcessOwner:
+    """`with ProcessOwner(unload) as owner:` around a process's whole work (the app, a command). `unload`
+    (settable later, once the engines exist) frees the engines; `exit_status` is 128 + the signal that
+    ended the work, or 0. Signal handlers are installed only from the main thread."""
+
+    def __init__(self, unload: Callable[[], object] | None = None):
+        self.unload = unload
+        self.signal_number: int | None = None
+        self._lock = threading.Lock()
+        self._is_unloaded = False
+        self._is_swept = threading.Event()
+        self._main_done = threading.Event()
+        self._previous_handlers: dict = {}
+        self._watchdog: subprocess.Popen | None = None
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signal_number if self.signal_number else 0
+
+    def __enter__(self) -> "ProcessOwner":
+        # Its own session, so a signal sent to this process group does not end it before its work.
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(WATCH_INTERVAL_S), str(TERMINATE_WAIT_S)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self._main_done.set()
+        if self.signal_number is None:
+            self._unload(time.monotonic() + UNLOAD_BUDGET_S)
+            self._sweep()
+        else:  # the shutdown thread unloads and sweeps; it is bounded
+            self._is_swept.wait(UNLOAD_BUDGET_S + TERMINATE_WAIT_S + 2)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._main_done.is_set():  # already cleaning up, within its bounds
+            return
+        if self.signal_number is not None:  # a second signal: no more waiting
+            end_processes(descendants(), wait_s=0)
+            os._exit(128 + signum)
+        self.signal_number = signum
+        print(f"\n{signal.Signals(signum).name}: unloading the engines and ending their processes",
+              file=sys.stderr)
+        threading.Thread(target=self._after_signal, name="shutdown", daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _after_signal(self) -> None:
+        deadline = time.monotonic() + UNLOAD_BUDGET_S
+        self._unload(deadline)
+        self._main_done.wait(max(0.0, deadline - time.monotonic()))  # e.g. a command's finally: unload()
+        self._sweep()
+        time.sleep(EXIT_GRACE_S)  # the main thread normally finishes, and the process exits, meanwhile
+        os._exit(self.exit_status)
+
+    def _unload(self, deadline: float) -> None:
+        with self._lock:
+            if self._is_unloaded or self.unload is None:
+                return
+            self._is_unloaded = True
+        worker = threading.Thread(target=self._unload_quietly, name="shutdown-unload", daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()))
+
+    def _unload_quietly(self) -> None:
+        try:
+            self.unload()
+        except Exception as error:  # shutting down regardless; the sweep ends what is left
+            print(f"unload at shutdown failed: {type(error).__name__}: {error}", file=sys.stderr)
+
+    def _sweep(self) -> None:
+        with self._lock:
+            if self._is_swept.is_set():
+                return
+            end_processes(descendants())
+            self._is_swept.set()

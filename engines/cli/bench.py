@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engines.cli.common import add_model_arguments, engine_options, progress_to_stderr
+from engines.cli.common import add_chat_arguments, add_model_arguments, engine_options, progress_to_stderr
 from engines.protocol import EngineError
 
 
@@ -21,6 +21,7 @@ def add_arguments(parser) -> None:
                              "(llama-3-8b, qwen2.5-7b, llama-2-7b) or a config.json path; quality is then n/a")
     parser.add_argument("--no-quality", action="store_true", help="skip perplexity and greedy agreement")
     add_model_arguments(parser)
+    add_chat_arguments(parser)
 
 
 def run(args) -> int:
@@ -31,7 +32,8 @@ def run(args) -> int:
         raise EngineError("--dummy-weights and --model exclude each other: the shape comes from the config")
     config = BenchConfig(engines=names, max_new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens,
                          num_repeats=args.repeats, model=args.model, dummy_config=args.dummy_weights,
-                         engine_options=engine_options(args), is_quality=not args.no_quality)
+                         engine_options=engine_options(args), is_quality=not args.no_quality,
+                         is_chat=args.chat, system=args.system)
     result = run_bench(config, progress=progress_to_stderr)
     paths = write_outputs(result, args.out)
     progress_to_stderr("wrote " + ", ".join(str(path) for path in paths.values()))

@@ -19,6 +19,25 @@ def add_model_arguments(parser) -> None:
                         help="engine-specific option, repeatable (e.g. kv_cache_dtype=fp8)")
 
 
+def add_chat_arguments(parser) -> None:
+    parser.add_argument("--chat", action="store_true",
+                        help="chat mode: apply the model's chat template (with add_generation_prompt) to the prompt "
+                             "as a user message; every local engine gets the same ids, remote ones the same messages")
+    parser.add_argument("--system", default=None, metavar="TEXT",
+                        help="system message in chat mode (default: the template's own, if it has one)")
+
+
+def as_prompt(args, text: str):
+    """The text itself, or with --chat the model's chat template applied to it once (ChatPrompt)."""
+    if not getattr(args, "chat", False):
+        if getattr(args, "system", None):
+            raise EngineError("--system needs --chat")
+        return text
+    from engines.models.chat import chat_prompt_for
+    from engines.models.sources import resolve_model
+    return chat_prompt_for(resolve_model(args.model, progress_to_stderr), text, system=args.system)
+
+
 def add_generation_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default 0)")

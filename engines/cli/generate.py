@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from engines.cli.common import (add_generation_arguments, add_model_arguments, engine_options,
-                                     generation_params, progress_to_stderr)
+from engines.cli.common import (add_chat_arguments, add_generation_arguments, add_model_arguments, as_prompt,
+                                engine_options, generation_params, progress_to_stderr)
 from engines.protocol import EngineError, validate_prompt
 from engines.registry import create_engine
 
@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quality-tokens", type=int, default=32,
                         help="greedy tokens per quality prompt compared with bf16 (default 32)")
     add_model_arguments(parser)
+    add_chat_arguments(parser)
     add_generation_arguments(parser)
 
 
@@ -43,7 +44,7 @@ def read_prompt(args):
 
 def run(args) -> int:
     params = generation_params(args)
-    prompt = read_prompt(args)
+    prompt = as_prompt(args, read_prompt(args))
     engine = create_engine(args.engine, model=args.model, **engine_options(args))
     try:
         result = _generate_and_score(engine, args, prompt, params)
@@ -59,7 +60,7 @@ def run(args) -> int:
     return 0
 
 
-def _generate_and_score(engine, args, prompt: str, params) -> dict:
+def _generate_and_score(engine, args, prompt, params) -> dict:
     """Load, stream the text to stdout (unless --json) and return the result with its stats."""
     engine.load(progress=progress_to_stderr)
     pieces = []

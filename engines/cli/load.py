@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from engines.cli.common import add_model_arguments, engine_options, progress_to_stderr
+from engines.cli.common import add_chat_arguments, add_model_arguments, as_prompt, engine_options, progress_to_stderr
 from engines.models.catalog import ASSETS
 from engines.protocol import Batching, EngineError, GenerationParams
 from engines.registry import create_engine
@@ -41,6 +41,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request (default 64)")
     parser.add_argument("--json", action="store_true", help="print the levels as JSON instead of markdown")
     add_model_arguments(parser)
+    add_chat_arguments(parser)
 
 
 def parse_levels(text: str) -> list[int]:
@@ -58,8 +59,8 @@ def sample_prompts() -> list[str]:
     return [line for line in lines if line.strip() and not line.startswith("#")]
 
 
-def measure_level(engine, concurrency: int, params: GenerationParams) -> LoadLevel:
-    prompts = sample_prompts()
+def measure_level(engine, concurrency: int, params: GenerationParams, prompts: list | None = None) -> LoadLevel:
+    prompts = prompts or sample_prompts()
     batch = [prompts[index % len(prompts)] for index in range(concurrency)]
     started = time.perf_counter()
     if isinstance(engine, Batching):
@@ -82,15 +83,18 @@ def measure_level(engine, concurrency: int, params: GenerationParams) -> LoadLev
                      percentile(ttfts, 0.5), percentile(ttfts, 0.95), kv_peak)
 
 
-def measure_levels(engine, levels: list[int], params: GenerationParams, say=None) -> list[LoadLevel]:
-    """Warm up once, then one LoadLevel per concurrency level, in the order given."""
-    for _ in engine.stream(sample_prompts()[0], GenerationParams(max_new_tokens=4)):
+def measure_levels(engine, levels: list[int], params: GenerationParams, say=None,
+                   prompts: list | None = None) -> list[LoadLevel]:
+    """Warm up once, then one LoadLevel per concurrency level, in the order given. `prompts` (texts or
+    chat prompts) default to assets/prompts.txt."""
+    prompts = prompts or sample_prompts()
+    for _ in engine.stream(prompts[0], GenerationParams(max_new_tokens=4)):
         pass
     results = []
     for level in levels:
         if say:
             say(f"{engine.name}: {level} concurrent request(s) of {params.max_new_tokens} tokens")
-        results.append(measure_level(engine, level, params))
+        results.append(measure_level(engine, level, params, prompts))
     return results
 
 
@@ -108,10 +112,11 @@ def to_markdown(engine_name: str, levels: list[LoadLevel]) -> str:
 def run(args) -> int:
     levels = parse_levels(args.concurrency)
     params = GenerationParams(max_new_tokens=args.max_new_tokens).validate()
+    prompts = [as_prompt(args, text) for text in sample_prompts()]
     engine = create_engine(args.engine, model=args.model, **engine_options(args))
-    engine.load(progress=progress_to_stderr)
     try:
-        results = measure_levels(engine, levels, params, say=progress_to_stderr)
+        engine.load(progress=progress_to_stderr)
+        results = measure_levels(engine, levels, params, say=progress_to_stderr, prompts=prompts)
     finally:
         engine.unload()
     if args.json:

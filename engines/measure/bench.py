@@ -46,6 +46,8 @@ class BenchConfig:
     engine_options: dict = field(default_factory=dict)
     is_quality: bool = True
     warmup_tokens: int = 8
+    is_chat: bool = False             # the timed prompt as a user message through the model's chat template
+    system: str | None = None
 
 
 @dataclass
@@ -121,6 +123,11 @@ def run_bench(config: BenchConfig, progress: ProgressCallback | None = None) -> 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code())
     short_prompt = " ".join(build_prompt(tokenizer, 64, shape.vocab_size).split()[:SHORT_PROMPT_WORDS])
+    if config.is_chat:
+        from engines.models.chat import chat_prompt_for
+        short_prompt = chat_prompt_for(source, short_prompt, system=config.system)
+    elif config.system:
+        raise EngineError("a system message needs chat mode")
     long_prompt = build_prompt(tokenizer, config.prompt_tokens, shape.vocab_size)
     say(f"measuring {device} memory bandwidth")
     bandwidth = measure_bandwidth(device)

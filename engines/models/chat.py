@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from engines.models.catalog import ModelSource
-from engines.protocol import EngineError
+from engines.protocol import ChatPrompt, EngineError
 
 ROLES = ("system", "user", "assistant")
 # The probe's assistant text: what follows it in the rendered template is the end of a turn.
 _PROBE = "\u2063probe-7c1e\u2063"
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    messages: tuple[dict[str, str], ...]    # what the template was given (the system message first, if any)
-    text: str                               # the rendered template, ending with the assistant's header
-    token_ids: tuple[int, ...]              # the prompt every local engine feeds the model
-    stop_token_ids: tuple[int, ...]         # end of turn first, then EOS; generation stops at any of them
-    stop_strings: tuple[str, ...]           # those tokens' text, for engines that stop on strings
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 def chat_messages(prompt: str, system: str | None = None,

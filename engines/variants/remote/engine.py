@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from engines.variants.remote.http_errors import explain_http_error
 from engines.variants.remote.prometheus import MetricsScraper
-from engines.protocol import (EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
+from engines.protocol import (ChatPrompt, EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
                               validate_prompt)
 from engines.telemetry import GenerationRecorder, MemoryReading
 from engines.variants.streaming import Chunk, start_in_thread, stream_request
@@ -101,7 +101,7 @@ class RemoteEngine:
         self.recorder = GenerationRecorder(self.name, _NotMeasured(), kv_probe=self.metrics.probe,
                                            sample_interval_s=0.5)
 
-    def stream(self, prompt: str, params: GenerationParams,
+    def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         if self.client is None:
             raise EngineError(f"{self.name}: not loaded")
@@ -125,17 +125,24 @@ class RemoteEngine:
                                   max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel, abort=abort,
                                   join_timeout_s=0.2)
 
-    def _request(self, prompt: str, params: GenerationParams):
+    def _api_for(self, prompt: "str | ChatPrompt") -> str:
+        """A chat prompt always goes to /v1/chat/completions, with the same messages the local engines'
+        template was given; a text goes where the `api` option says."""
+        return "chat" if isinstance(prompt, ChatPrompt) else self.api
+
+    def _request(self, prompt: "str | ChatPrompt", params: GenerationParams):
         common = {"model": self.served_model, "max_tokens": params.max_new_tokens, "stream": True,
                   "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
                   "stream_options": {"include_usage": True}}
+        if isinstance(prompt, ChatPrompt):
+            return self.client.chat.completions.create(messages=list(prompt.messages), logprobs=True, **common)
         if self.api == "chat":
             return self.client.chat.completions.create(
                 messages=[{"role": "user", "content": prompt}], logprobs=True, **common)
         return self.client.completions.create(prompt=prompt, logprobs=0, **common)
 
     def _run_request(self, prompt, params, emit, stop: threading.Event, responses: list) -> None:
-        num_tokens, finish_reason = 0, None
+        num_tokens, finish_reason, api = 0, None, self._api_for(prompt)
         try:
             with self._request(prompt, params) as response:
                 responses.append(response)
@@ -145,7 +152,7 @@ class RemoteEngine:
                     if not chunk.choices:
                         continue
                     choice = chunk.choices[0]
-                    text, count = self._text_and_count(choice)
+                    text, count = self._text_and_count(choice, api)
                     if count:
                         num_tokens += count
                         self.recorder.on_tokens(count)
@@ -165,8 +172,8 @@ class RemoteEngine:
                               f"while streaming (after {num_tokens} tokens)")
         emit(Chunk(num_tokens=0, finish_reason={"stop": "eos"}.get(finish_reason, finish_reason)))
 
-    def _text_and_count(self, choice) -> tuple[str, int]:
-        if self.api == "chat":
+    def _text_and_count(self, choice, api: str) -> tuple[str, int]:
+        if api == "chat":
             text = (choice.delta.content or "") if choice.delta else ""
             entries = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
         else:

@@ -16,7 +16,8 @@ from typing import Iterator
 from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
 from engines.models.catalog import ModelSource, trust_remote_code
 from engines.models.sources import resolve_model
-from engines.protocol import (EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision, Scoring,
+from engines.protocol import (ChatPrompt, EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision,
+                              Scoring,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
 from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
@@ -104,13 +105,17 @@ class TransformersEngine(Scoring):
         """Extra generate() arguments; the speculative variant adds its drafting here."""
         return {}
 
-    def encode(self, prompt: str):
-        """Prompt -> (input ids, attention mask) on the engine's device, BOS first; callers check the
-        length against max_context_tokens."""
+    def encode(self, prompt: "str | ChatPrompt"):
+        """Prompt -> (input ids, attention mask) on the engine's device: a text with BOS first (Gemma needs
+        it), a chat prompt as its template's ids; callers check the length against max_context_tokens."""
+        import torch
+        if isinstance(prompt, ChatPrompt):
+            input_ids = torch.tensor([prompt.token_ids], dtype=torch.long)
+            return input_ids.to(self.device), torch.ones_like(input_ids).to(self.device)
         encoded = self.tokenizer(prompt, return_tensors="pt")
         return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
 
-    def stream(self, prompt: str, params: GenerationParams,
+    def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         if self.model is None:
             raise EngineError(f"{self.name}: not loaded")
@@ -123,16 +128,20 @@ class TransformersEngine(Scoring):
                               f"were asked for; {self.name} accepts {self.max_context_tokens} tokens in all")
         self.last_token_ids = token_ids = []
 
+        # A chat turn ends at its template's end-of-turn token (generate stops at any id of the list).
+        stop_ids = list(prompt.stop_token_ids) if isinstance(prompt, ChatPrompt) else None
+
         def start(emit, stop):
             streamer = TokenStreamer(self.recorder, emit)
-            return self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop)
+            return self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop,
+                                         stop_ids)
 
         yield from stream_request(name=self.name, recorder=self.recorder, start=start,
                                   max_new_tokens=params.max_new_tokens, num_prompt_tokens=num_prompt_tokens,
                                   lock=self._lock, cancel=cancel, token_ids=token_ids,
                                   detokenizer=Detokenizer(self.tokenizer))
 
-    def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event) -> None:
+    def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event, stop_ids=None) -> None:
         """Runs in the engine's worker thread; an exception reaches stream() through the future."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -144,6 +153,8 @@ class TransformersEngine(Scoring):
         torch.manual_seed(params.seed)
         sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
             if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if stop_ids:
+            sampling["eos_token_id"] = stop_ids
         with torch.inference_mode(), sdpa_backend_context(self.options.get("sdpa_backend", "auto")):
             self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,

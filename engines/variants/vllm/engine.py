@@ -24,7 +24,7 @@ from typing import Iterator
 from engines.models.catalog import ModelSource, trust_remote_code
 
 from engines.models.sources import resolve_model
-from engines.protocol import (Batching, EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision,
+from engines.protocol import (Batching, ChatPrompt, EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision,
                               Scoring,
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
@@ -125,15 +125,16 @@ class VllmEngine(Scoring, Batching):
         return SamplingParams(max_tokens=params.max_new_tokens, output_kind=RequestOutputKind.DELTA,
                               **sampling, **extra)
 
-    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
-        """Prompt -> token ids with BOS (Gemma needs it), checked against the context length."""
-        prompt_ids = self.tokenizer(prompt).input_ids
+    def encode(self, prompt: "str | ChatPrompt", max_new_tokens: int) -> list[int]:
+        """Prompt -> token ids: a text with BOS (Gemma needs it), a chat prompt as its template's ids;
+        checked against the context length."""
+        prompt_ids = list(prompt.token_ids) if isinstance(prompt, ChatPrompt) else self.tokenizer(prompt).input_ids
         if len(prompt_ids) + max_new_tokens > self.max_model_len:
             raise EngineError(f"the prompt is {len(prompt_ids)} tokens and {max_new_tokens} new tokens were asked "
                               f"for; {self.name} accepts {self.max_model_len} tokens in all (option max_model_len)")
         return prompt_ids
 
-    def stream(self, prompt: str, params: GenerationParams,
+    def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Requests run concurrently (vLLM batches them); each has its own recorder, and stats() reads the
         newest request's."""
@@ -145,11 +146,13 @@ class VllmEngine(Scoring, Batching):
         self.recorder = recorder
         self.telemetry.reset_counters()
         self.last_token_ids = token_ids = []
+        # A chat turn ends at its template's end-of-turn token.
+        stops = {"stop_token_ids": list(prompt.stop_token_ids)} if isinstance(prompt, ChatPrompt) else {}
 
         def start(emit, stop):
             return asyncio.run_coroutine_threadsafe(
-                produce_deltas(self._llm, self.name, prompt_ids, self._sampling_params(params), recorder, emit),
-                self._loop)
+                produce_deltas(self._llm, self.name, prompt_ids, self._sampling_params(params, **stops), recorder,
+                               emit), self._loop)
 
         yield from stream_request(name=self.name, recorder=recorder, start=start,
                                   max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),

@@ -35,6 +35,8 @@ class EngineSpec:
     random_weights: str = "saved"
     # vLLM holds its GPU for the process lifetime; ZeroGPU lends one per call.
     is_zerogpu_compatible: bool = True
+    # The model runs in this process (so torch's profiler sees its kernels); vLLM's runs in its engine core.
+    is_in_process: bool = True
 
 
 SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
@@ -54,18 +56,22 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
                defaults={"bits": 8}),
     EngineSpec("vllm", "vLLM (paged, BF16 KV)", "vLLM paged attention, KV cache in the model dtype",
                "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"kv_cache_dtype": "auto"},
-               random_weights="load_format", is_zerogpu_compatible=False),
+               random_weights="load_format", is_zerogpu_compatible=False,
+               is_in_process=False),
     EngineSpec("vllm-fp8kv", "vLLM (paged, FP8 KV)", "vLLM paged attention with an FP8 KV cache",
                "engines.variants.vllm.engine:VllmEngine", ("vllm",), needs_cpu_avx512_on_cpu=True,
-               defaults={"kv_cache_dtype": "fp8"}, random_weights="load_format", is_zerogpu_compatible=False),
+               defaults={"kv_cache_dtype": "fp8"}, random_weights="load_format", is_zerogpu_compatible=False,
+               is_in_process=False),
     EngineSpec("spec", "Speculative (transformers)", "assisted generation: prompt lookup, or a draft model",
                "engines.variants.transformers.speculative:SpeculativeEngine", ("torch", "transformers"),
                random_weights="from_config"),
     EngineSpec("vllm-spec", "Speculative (vLLM)", "vLLM speculative decoding: n-gram, draft model or EAGLE",
                "engines.variants.vllm.engine:VllmEngine", ("vllm",), defaults={"speculative": "ngram"},
-               random_weights="load_format", is_zerogpu_compatible=False),
+               random_weights="load_format", is_zerogpu_compatible=False,
+               is_in_process=False),
     EngineSpec("remote", "Remote (OpenAI API)", "any OpenAI-compatible server, with its /metrics scraped",
-               "engines.variants.remote.engine:RemoteEngine", ("httpx", "openai", "prometheus_client")),
+               "engines.variants.remote.engine:RemoteEngine", ("httpx", "openai", "prometheus_client"),
+               random_weights="none", is_in_process=False),
     EngineSpec("vllm-int4", "vLLM INT4 (Marlin)", "vLLM serving the 4-bit GPTQ (or AWQ) checkpoint; Marlin kernels on a GPU",
                "engines.variants.vllm.int4:VllmInt4Engine", ("vllm",), defaults={"method": "gptq"},
                # Random weights through vLLM's dummy loader in the INT4 layout; no ZeroGPU (vLLM). Passed only
@@ -136,6 +142,33 @@ def list_engines() -> list[dict]:
         rows.append({"name": "remote:*", "label": "Remote servers (config file)", "description": "",
                      "is_available": False, "reason": config_error})
     return rows
+
+
+def parse_option_value(text: str):
+    """An option's value as typed on a command line: int, float, true/false, else the text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def split_variant(label: str) -> tuple[str, dict]:
+    """'gptq-int4[backend=gptq_marlin,group_size=64]' -> ('gptq-int4', {'backend': 'gptq_marlin', ...})."""
+    label = label.strip()
+    name, bracket, rest = label.partition("[")
+    if not bracket:
+        return label, {}
+    if not rest.endswith("]"):
+        raise EngineError(f"engine '{label}': options go in brackets, e.g. gptq-int4[backend=gptq_marlin]")
+    options = {}
+    for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise EngineError(f"engine '{label}': each option is KEY=VALUE, got '{item}'")
+        options[key.strip()] = parse_option_value(value.strip())
+    return name.strip(), options
 
 
 def get_spec(name: str) -> EngineSpec:

@@ -11,7 +11,8 @@ import pytest
 
 from engines.measure.bench import BenchConfig, build_prompt, run_bench
 from engines.models.sources import load_shape
-from engines.registry import create_engine, list_engines
+from engines.protocol import EngineError
+from engines.registry import create_engine, list_engines, split_variant
 from engines.measure.roofline import decode_roofline, measure_bandwidth
 
 MAX_NEW_TOKENS = 8
@@ -155,3 +156,46 @@ def test_bench_tab_runs_in_a_real_browser(tmp_path):
             browser.close()
     finally:
         demo.close()
+
+
+def _bench_cli(*arguments, timeout=900):
+    return subprocess.run([sys.executable, "-m", "engines", "bench", *arguments], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_isolated_bench_gives_each_engine_its_own_process_options_and_profile(tmp_path):
+    out = tmp_path / "iso"
+    done = _bench_cli("--engines", "bf16[attn_implementation=eager],no-such-engine", "--isolate", "--budget-s", "600",
+                      "--max-new-tokens", "4", "--prompt-tokens", "16", "--repeats", "1", "--no-quality", "--profile",
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["engine"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    eager = rows["bf16[attn_implementation=eager]"]
+    assert eager["status"] == "ok" and eager["num_tokens"] == 4
+    assert eager["kernel_launches_per_token"] > 10 and eager["cpu_ms_per_token"] > 0
+    assert rows["no-such-engine"]["status"] == "error" and "unknown engine" in rows["no-such-engine"]["reason"]
+    assert (out / "engines" / "bf16_attn_implementation_eager_" / "results.json").is_file()
+    # --merge reads the per-engine folders back, in the order given.
+    merged = tmp_path / "merged"
+    done = _bench_cli("--merge", str(out / "engines" / "no-such-engine"),
+                      str(out / "engines" / "bf16_attn_implementation_eager_"), "--out", str(merged))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [row["engine"] for row in json.loads((merged / "results.json").read_text())["rows"]] == \
+        ["no-such-engine", "bf16[attn_implementation=eager]"]
+
+
+def test_an_engine_past_its_budget_is_a_row_saying_so(tmp_path):
+    done = _bench_cli("--engines", "bf16", "--isolate", "--budget-s", "0.5", "--no-quality", "--out", str(tmp_path))
+    assert done.returncode == 1
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["status"] == "error" and "stopped after its budget" in row["reason"], row
+
+
+@pytest.mark.parametrize("engines, message", [
+    ("bf16[attn_implementation=eager", "options go in brackets"),
+    ("bf16[eager]", "each option is KEY=VALUE"),
+])
+def test_malformed_variant_options_are_refused(engines, message):
+    with pytest.raises(EngineError, match=message):
+        split_variant(engines)

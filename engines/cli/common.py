@@ -5,6 +5,7 @@ import sys
 
 from engines.variants.transformers.attention import ATTENTION_IMPLEMENTATIONS
 from engines.protocol import EngineError, GenerationParams
+from engines.registry import parse_option_value
 
 
 def add_model_arguments(parser) -> None:
@@ -51,7 +52,7 @@ def engine_options(args) -> dict:
         key, separator, value = item.partition("=")
         if not separator or not key.strip():
             raise EngineError(f"--option wants KEY=VALUE, got '{item}'")
-        options[key.strip()] = _parse_value(value.strip())
+        options[key.strip()] = parse_option_value(value.strip())
     return options
 
 
@@ -61,12 +62,3 @@ def generation_params(args) -> GenerationParams:
 
 def progress_to_stderr(message: str) -> None:
     print(f"[progress] {message}", file=sys.stderr, flush=True)
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)

@@ -23,7 +23,7 @@ from engines.models.catalog import DUMMY_PREFIX, trust_remote_code
 from engines.models.sources import resolve_model
 from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
 from engines.hardware import has_gpu
-from engines.registry import create_engine, get_spec, unavailable_reason
+from engines.registry import create_engine, get_spec, split_variant, unavailable_reason
 from engines.measure.roofline import decode_roofline, measure_bandwidth
 from engines.telemetry import GB
 
@@ -48,6 +48,7 @@ class BenchConfig:
     warmup_tokens: int = 8
     is_chat: bool = False             # the timed prompt as a user message through the model's chat template
     system: str | None = None
+    is_profiled: bool = False         # one more run under torch.profiler: kernel launches and time per token
 
 
 @dataclass
@@ -73,6 +74,10 @@ class BenchRow:
     perplexity_ratio: float | None = None
     weight_footprint_gb: float | None = None
     quality_note: str = ""
+    kernel_launches_per_token: float | None = None
+    cpu_ms_per_token: float | None = None
+    device_ms_per_token: float | None = None
+    profile_note: str = ""
 
 
 @dataclass
@@ -148,15 +153,18 @@ def run_bench(config: BenchConfig, progress: ProgressCallback | None = None) -> 
     return BenchResult(config, source.name, device, machine, asdict(bandwidth), rows)
 
 
-def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwidth, quality, device, say) -> BenchRow:
-    row = BenchRow(engine=name)
+def _bench_engine(label, config, source, short_prompt, long_prompt, shape, bandwidth, quality, device, say) -> BenchRow:
+    """One row; `label` is a registry name, optionally with its own options: gptq-int4[backend=gptq_marlin]."""
+    row = BenchRow(engine=label)
     engine = None
     try:
-        reason = unavailable_reason(get_spec(name))
+        name, variant_options = split_variant(label)
+        spec = get_spec(name)
+        reason = unavailable_reason(spec)
         if reason:
-            return BenchRow(engine=name, status="unavailable", reason=reason)
+            return BenchRow(engine=label, status="unavailable", reason=reason)
         model, options = _model_and_options(name, config, source, device, say)
-        engine = create_engine(name, model=model, **options)
+        engine = create_engine(name, model=model, **options, **variant_options)
         started = time.perf_counter()
         engine.load(progress=say)
         row.load_s = time.perf_counter() - started
@@ -176,6 +184,8 @@ def _bench_engine(name, config, source, short_prompt, long_prompt, shape, bandwi
             roofline = decode_roofline(shape, precision, bandwidth.bandwidth_gb_s, context)
             row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / GB
             row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
+        if config.is_profiled:
+            _profile(engine, spec, short_prompt, config.max_new_tokens, device, row)
         try:
             quality.evaluate(engine, row)
         except Exception as error:  # speed and memory stand even when the quality pass fails
@@ -198,6 +208,8 @@ def _model_and_options(name: str, config: BenchConfig, source, device: str, say)
     if source.origin != "dummy":
         return config.model, options
     way = get_spec(name).random_weights
+    if way == "none":
+        raise EngineUnavailable(f"{name} serves its own weights; random weights of a shape do not apply")
     if way == "load_format":
         return str(source.path), {**options, "load_format": "dummy"}
     if way == "from_config":
@@ -212,3 +224,32 @@ def _generate(engine, prompt: str, max_new_tokens: int, device: str):
     for _ in engine.stream(prompt, GenerationParams(max_new_tokens=max_new_tokens)):
         pass
     return engine.stats()
+
+
+def _profile(engine, spec, prompt, max_new_tokens: int, device: str, row: BenchRow) -> None:
+    """One more generation under torch.profiler: kernel launches (device kernels on a GPU, ATen ops on a
+    CPU) and self time per generated token. An engine whose model runs in another process (vLLM's engine
+    core) is invisible to this process's profiler, so its row says so instead."""
+    if not spec.is_in_process:
+        row.profile_note = "n/a (the model runs in another process)"
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    is_cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
+    # The engines generate on their own worker thread, which the profiler records only when asked to.
+    all_threads = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=activities, experimental_config=all_threads) as prof:
+        stats = _generate(engine, prompt, max_new_tokens, device)
+        if is_cuda:
+            torch.cuda.synchronize()
+    num_tokens = max(stats.num_tokens, 1)
+    events = prof.key_averages()
+    device_events = [event for event in events if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    cpu_ops = [event for event in events if event.key.startswith("aten::")]
+    launches = sum(event.count for event in device_events) if is_cuda else sum(event.count for event in cpu_ops)
+    row.kernel_launches_per_token = launches / num_tokens
+    row.cpu_ms_per_token = sum(event.self_cpu_time_total for event in events) / 1000 / num_tokens
+    if is_cuda:
+        row.device_ms_per_token = sum(event.self_device_time_total for event in device_events) / 1000 / num_tokens
+    row.profile_note = "CUDA kernel launches" if is_cuda else "ATen op calls, nested ones included (CPU)"

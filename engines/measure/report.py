@@ -49,6 +49,12 @@ def to_markdown(result: BenchResult) -> str:
             f"| {_number(row.perplexity, 2)} | {_number(row.perplexity_ratio, 3)} | {row.quality_note} |")
     memory_kinds = sorted({row.memory_kind for row in result.rows if row.memory_kind})
     lines += ["", f"Memory is {', '.join(memory_kinds) or 'not measured'} (GiB) of the engine's process tree."]
+    if result.config.is_profiled:
+        lines += ["", "Profile (one more run under torch.profiler, per generated token):", "",
+                  "| engine | launches | CPU ms | device ms | counted |", "|---|---|---|---|---|"]
+        lines += [f"| {row.engine} | {_number(row.kernel_launches_per_token, 1)} | {_number(row.cpu_ms_per_token, 2)} "
+                  f"| {_number(row.device_ms_per_token, 3)} | {row.profile_note} |"
+                  for row in result.rows if row.status == "ok"]
     return "\n".join(lines)
 
 

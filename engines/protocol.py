@@ -250,6 +250,10 @@ class Scoring(ABC):
     @abstractmethod
     def weight_footprint_gb(self) -> float | None: ...
 
+    @abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of these ids as the engine's own stream shows it (special tokens skipped)."""
+
 
 class Batching(ABC):
     """A capability declared by subclassing: the engine serves many requests at once (continuous

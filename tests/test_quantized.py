@@ -166,9 +166,9 @@ def test_bad_options_fail_with_a_message(tiny_model, tiny_cache):
         load_tiny(tiny_model, backend="no_such_kernel")
     with pytest.raises(EngineError, match="num_calibration_samples must be between 1 and 16"):
         create_engine("gptq-int4", model=str(tiny_model), num_calibration_samples=99).load()
-    with pytest.raises(EngineError, match="must be whole numbers"):
+    with pytest.raises(EngineError, match="group_size must be a whole number, got 'big'"):
         create_engine("gptq-int4", model=str(tiny_model), group_size="big")
-    with pytest.raises(EngineError, match="bits must be 4 .* or 8"):
+    with pytest.raises(EngineError, match="bits must be one of 4, 8, got 3"):
         create_engine("nf4", model=str(tiny_model), bits=3).load()
 
 

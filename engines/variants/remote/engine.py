@@ -14,12 +14,13 @@ The server's memory is not visible from here, so memory fields stay None.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
+from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from engines.options import parse_options
 from engines.variants.remote.http_errors import explain_http_error
 from engines.variants.remote.prometheus import MetricsScraper
 from engines.protocol import (ChatPrompt, EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
@@ -42,31 +43,39 @@ class _NotMeasured:
         return None
 
 
+@dataclass(frozen=True)
+class RemoteOptions:
+    """The keys of a [remote.<label>] table (assets/remote.example.toml), or --option on `remote`."""
+    url: str = ""
+    served_model: str | None = None
+    api: str = "completions"
+    timeout_s: float = 60.0
+    api_key: str | None = None
+    api_key_env: str | None = None
+    metrics_url: str | None = None
+
+
 class RemoteEngine:
     """One OpenAI-compatible server. load() checks it answers and serves the model."""
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
         self.name = name
-        self.options = dict(options or {})
-        url = str(self.options.get("url") or "").rstrip("/")
+        self.options = parse_options(RemoteOptions, name, dict(options or {}))
+        url = self.options.url.rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise EngineError(f"{name}: give the server's base URL as http(s)://host:port/v1, got '{url}'")
         self.base_url = url if parts.path.endswith("/v1") else url + "/v1"
-        self.metrics_url = self.options.get("metrics_url") or f"{parts.scheme}://{parts.netloc}/metrics"
-        self.served_model = self.options.get("served_model") or model
-        self.api = self.options.get("api", "completions")
+        self.metrics_url = self.options.metrics_url or f"{parts.scheme}://{parts.netloc}/metrics"
+        self.served_model = self.options.served_model or model
+        self.api = self.options.api
         if self.api not in ("completions", "chat"):
             raise EngineError(f"{name}: api must be 'completions' or 'chat', got '{self.api}'")
-        try:
-            self.timeout_s = float(self.options.get("timeout_s", 60.0))
-        except (TypeError, ValueError):
-            self.timeout_s = math.nan
+        self.timeout_s = self.options.timeout_s
         if not 0 < self.timeout_s <= 3600:
-            raise EngineError(f"{name}: timeout_s must be a number of seconds in (0, 3600], "
-                              f"got {self.options.get('timeout_s')!r}")
-        env_name = self.options.get("api_key_env")
-        self.api_key = self.options.get("api_key") or (os.environ.get(env_name) if env_name else None)
+            raise EngineError(f"{name}: timeout_s must be a number of seconds in (0, 3600], got {self.timeout_s!r}")
+        env_name = self.options.api_key_env
+        self.api_key = self.options.api_key or (os.environ.get(env_name) if env_name else None)
         self.client = None
         self.recorder: GenerationRecorder | None = None
         self.is_token_count_exact = True

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from engines.variants.transformers.engine import TransformersEngine
 from engines.models.catalog import ModelSource, trust_remote_code
-from engines.protocol import EngineError, Precision, ProgressCallback
+from engines.protocol import Precision, ProgressCallback
+from engines.variants.transformers.options import BitsAndBytesOptions
 
 
 class BitsAndBytesEngine(TransformersEngine):
     """Options: bits=4|8 (set by the registry), double_quant (NF4, default off), int8_threshold (INT8)."""
 
+    options_class = BitsAndBytesOptions
+
     @property
     def bits(self) -> int:
-        bits = self.options.get("bits", 4)
-        if bits not in (4, 8):
-            raise EngineError(f"{self.name}: bits must be 4 (NF4) or 8 (LLM.int8), got {bits!r}")
-        return bits
+        return self.options.bits
 
     def precision(self) -> Precision:
         """NF4: 4 bits plus an fp32 absmax per block of 64 (with double quantization, an 8-bit absmax and
@@ -29,7 +29,7 @@ class BitsAndBytesEngine(TransformersEngine):
         compute = super().precision()
         if self.bits == 8:
             linear, label = 1.0, "LLM.int8 linear"
-        elif self.options.get("double_quant"):
+        elif self.options.double_quant:
             linear, label = 0.5 + 1 / 64 + 4 / (64 * 256), "NF4 (double quant) linear"
         else:
             linear, label = 0.5 + 4 / 64, "NF4 linear"
@@ -41,8 +41,8 @@ class BitsAndBytesEngine(TransformersEngine):
         if self.bits == 4:
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=self._torch_dtype(),
-                                      bnb_4bit_use_double_quant=bool(self.options.get("double_quant", False)))
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(self.options.get("int8_threshold", 6.0)))
+                                      bnb_4bit_use_double_quant=self.options.double_quant)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.options.int8_threshold)
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         from transformers import AutoModelForCausalLM
@@ -51,4 +51,4 @@ class BitsAndBytesEngine(TransformersEngine):
             progress(f"{self.name}: quantizing the weights to {'NF4' if self.bits == 4 else 'INT8'} while loading")
         return AutoModelForCausalLM.from_pretrained(
             source.path, quantization_config=config, dtype=self._torch_dtype(), device_map=self.device,
-            attn_implementation=self.options.get("attn_implementation", "sdpa"), trust_remote_code=trust_remote_code())
+            attn_implementation=self.options.attn_implementation, trust_remote_code=trust_remote_code())

@@ -21,18 +21,22 @@ from engines.protocol import (ChatPrompt, EngineError, EngineStats, EngineUnavai
                               ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
 from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
+from engines.options import parse_options
 from engines.variants.streaming import Detokenizer, stream_request
+from engines.variants.transformers.options import TransformersOptions
 from engines.variants.transformers.token_stream import TokenStreamer
 
 
 class TransformersEngine(Scoring):
-    """An in-process transformers model. load() is idempotent; stream() is one request at a time."""
+    """An in-process transformers model. load() is idempotent; stream() serves one request at a time
+    (a second one waits its turn)."""
+    options_class: type[TransformersOptions] = TransformersOptions
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
         self.name = name
         self.model_name = model
-        self.options = dict(options or {})
-        self.device = self.options.get("device") or ("cuda" if has_gpu() else "cpu")
+        self.options = parse_options(self.options_class, name, dict(options or {}))
+        self.device = self.options.device or ("cuda" if has_gpu() else "cpu")
         self.source: ModelSource | None = None
         self.model = None
         self.tokenizer = None
@@ -52,7 +56,7 @@ class TransformersEngine(Scoring):
     def load(self, progress: ProgressCallback | None = None) -> None:
         if self.model is not None:
             return
-        attn = self.options.get("attn_implementation", "sdpa")
+        attn = self.options.attn_implementation
         reason = attention_unavailable_reason(attn, self.device)
         if reason:
             raise EngineUnavailable(reason)
@@ -72,7 +76,7 @@ class TransformersEngine(Scoring):
         self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-generate")
         # Random-weight shapes have their own vocabulary; the bench warms them up with prompts that fit it.
-        if self.options.get("compile") and self.device != "cpu" and not self._is_dummy():
+        if self.options.compile and self.device != "cpu" and not self._is_dummy():
             if progress:
                 progress(f"{self.name}: compiling and capturing CUDA graphs (first run, about a minute)")
             for _ in self.stream("Warm-up.", GenerationParams(max_new_tokens=8)):
@@ -81,22 +85,22 @@ class TransformersEngine(Scoring):
             progress(f"{self.name}: ready")
 
     def _is_dummy(self) -> bool:
-        return self.source.origin == "dummy" or bool(self.options.get("dummy_weights"))
+        return self.source.origin == "dummy" or self.options.dummy_weights
 
     def _torch_dtype(self):
         import torch
-        return getattr(torch, self.options.get("dtype", "bfloat16"))
+        return getattr(torch, self.options.dtype)
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         from transformers import AutoModelForCausalLM
-        attn = self.options.get("attn_implementation", "sdpa")
+        attn = self.options.attn_implementation
         if self._is_dummy():
             from engines.models.dummy import random_model
             model = random_model(source.path, self._torch_dtype(), self.device, attn)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(), attn_implementation=attn,
                                                          trust_remote_code=trust_remote_code()).to(self.device)
-        if self.options.get("compile"):
+        if self.options.compile:
             # A static cache gives torch.compile fixed shapes; generate() then compiles the forward.
             model.generation_config.cache_implementation = "static"
         return model
@@ -155,7 +159,7 @@ class TransformersEngine(Scoring):
             if not params.is_greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if stop_ids:
             sampling["eos_token_id"] = stop_ids
-        with torch.inference_mode(), sdpa_backend_context(self.options.get("sdpa_backend", "auto")):
+        with torch.inference_mode(), sdpa_backend_context(self.options.sdpa_backend):
             self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
                 min_new_tokens=0, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
@@ -178,6 +182,9 @@ class TransformersEngine(Scoring):
                 loss = self.model(input_ids=input_ids, labels=input_ids).loss
             return float(torch.exp(loss.float()).item())
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def weight_footprint_gb(self) -> float:
         """Bytes held by parameters and buffers (packed quantized weights included), in GiB."""
         if self.model is None:
@@ -186,8 +193,8 @@ class TransformersEngine(Scoring):
 
     def precision(self) -> Precision:
         """Weights and KV cache in the compute dtype; quantized subclasses override the linear bytes."""
-        dtype_bytes = DTYPE_BYTES[self.options.get("dtype", "bfloat16")]
-        return Precision.of_dtype(dtype_bytes, label=self.options.get("dtype", "bfloat16"))
+        dtype_bytes = DTYPE_BYTES[self.options.dtype]
+        return Precision.of_dtype(dtype_bytes, label=self.options.dtype)
 
     def stats(self) -> EngineStats:
         return self.recorder.snapshot() if self.recorder else EngineStats(engine=self.name)

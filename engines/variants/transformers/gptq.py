@@ -25,6 +25,7 @@ from engines.variants.transformers.engine import TransformersEngine
 from engines.models.catalog import ASSETS, ModelSource, cache_dir, trust_remote_code
 from engines.protocol import say
 from engines.protocol import EngineError, Precision, ProgressCallback, describe_error
+from engines.variants.transformers.options import GptqOptions
 
 CALIBRATION_PATH = ASSETS / "calibration.txt"
 MANIFEST = "manifest.json"
@@ -162,18 +163,16 @@ class GptqEngine(TransformersEngine):
     """INT4 GPTQ. Options: checkpoint=PATH, backend=NAME (a GPTQModel BACKEND value),
     num_calibration_samples, group_size, desc_act."""
 
+    options_class = GptqOptions
+
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
-        options = dict(options or {})
-        super().__init__(name, options.get("checkpoint") or model, options)
+        super().__init__(name, model, options)
+        self.model_name = self.options.checkpoint or model
         self.kernel_name: str | None = None
         self.backend: str | None = None
         self.checkpoint_path: Path | None = None
-        try:
-            self.settings = GptqSettings(group_size=int(options.get("group_size", 128)),
-                                         desc_act=bool(options.get("desc_act", False)),
-                                         num_calibration_samples=int(options.get("num_calibration_samples", 16)))
-        except (TypeError, ValueError) as error:
-            raise EngineError(f"{name}: group_size and num_calibration_samples must be whole numbers ({error})") from None
+        self.settings = GptqSettings(group_size=self.options.group_size, desc_act=self.options.desc_act,
+                                     num_calibration_samples=self.options.num_calibration_samples)
 
     def precision(self) -> Precision:
         """4-bit weights with an fp16 scale and a 4-bit zero point per group of group_size; the output
@@ -192,7 +191,7 @@ class GptqEngine(TransformersEngine):
         with library_output_to_stderr():
             from gptqmodel import GPTQModel
             from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-        requested = self.options.get("backend")
+        requested = self.options.backend
         failures = []
         for backend in ([requested] if requested else BACKENDS[device]):
             try:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from engines.variants.transformers.engine import TransformersEngine
+from engines.variants.transformers.options import SpeculativeOptions
 from engines.models.catalog import ModelSource, trust_remote_code
 from engines.models.sources import resolve_model
 from engines.protocol import EngineError, GenerationParams, ProgressCallback, describe_error, speculation_stats
@@ -74,6 +75,7 @@ class _CountingCandidateGenerator:
 
 class SpeculativeEngine(TransformersEngine):
     """TransformersEngine whose generate() drafts by prompt lookup or with a draft model."""
+    options_class = SpeculativeOptions
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
         super().__init__(name, model, options)
@@ -81,11 +83,7 @@ class SpeculativeEngine(TransformersEngine):
         self.draft_model = None
         self.last_counts = DraftCounts()
         self.is_speculating = True
-        for key in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens"):
-            value = self.options.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise EngineError(f"{name}: option {key} must be a whole number >= 1, got {value!r}")
-        if self.options.get("compile"):
+        if self.options.compile:
             raise EngineError(f"{name}: assisted generation needs a dynamic KV cache; drop the compile option")
 
     @property
@@ -94,8 +92,8 @@ class SpeculativeEngine(TransformersEngine):
 
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         model = super()._load_model(source, progress)
-        if self.options.get("draft_model"):
-            self.draft_model = self._load_draft(str(self.options["draft_model"]), progress)
+        if self.options.draft_model:
+            self.draft_model = self._load_draft(self.options.draft_model, progress)
         self._wrap_candidate_generator(model)
         return model
 
@@ -112,12 +110,12 @@ class SpeculativeEngine(TransformersEngine):
         try:
             draft = AutoModelForCausalLM.from_pretrained(
                 self.draft_source.path, dtype=self._torch_dtype(),
-                attn_implementation=self.options.get("attn_implementation", "sdpa"),
+                attn_implementation=self.options.attn_implementation,
                 trust_remote_code=trust_remote_code()).to(self.device)
         except Exception as error:
             raise EngineError(f"{self.name}: could not load draft model {name}: {describe_error(error)}") from error
-        if self.options.get("num_assistant_tokens"):
-            draft.generation_config.num_assistant_tokens = int(self.options["num_assistant_tokens"])
+        if self.options.num_assistant_tokens:
+            draft.generation_config.num_assistant_tokens = self.options.num_assistant_tokens
         return draft.eval()
 
     def _wrap_candidate_generator(self, model) -> None:
@@ -137,10 +135,8 @@ class SpeculativeEngine(TransformersEngine):
             return {}
         if self.draft_model is not None:
             return {"assistant_model": self.draft_model}
-        return {"prompt_lookup_num_tokens": int(self.options.get("prompt_lookup_num_tokens",
-                                                                 DEFAULT_PROMPT_LOOKUP_NUM_TOKENS)),
-                "max_matching_ngram_size": int(self.options.get("max_matching_ngram_size",
-                                                                DEFAULT_MAX_MATCHING_NGRAM_SIZE))}
+        return {"prompt_lookup_num_tokens": self.options.prompt_lookup_num_tokens or DEFAULT_PROMPT_LOOKUP_NUM_TOKENS,
+                "max_matching_ngram_size": self.options.max_matching_ngram_size or DEFAULT_MAX_MATCHING_NGRAM_SIZE}
 
     @contextmanager
     def speculation(self, is_on: bool):

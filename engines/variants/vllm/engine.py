@@ -184,6 +184,9 @@ class VllmEngine(Scoring, Batching):
         kv = 1 if self.options.kv_cache_dtype.startswith("fp8") else weight_bytes
         return Precision.of_dtype(weight_bytes, kv, f"{weight_bytes}-byte weights, KV {self.options.kv_cache_dtype}")
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def weight_footprint_gb(self) -> float | None:
         """The weights live in the engine core's process; this process cannot count them."""
         return None

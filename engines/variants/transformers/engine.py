@@ -23,6 +23,7 @@ from engines.hardware import has_gpu
 from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.options import parse_options
 from engines.variants.streaming import Detokenizer, stream_request
+from engines.variants.transformers import shared_weights
 from engines.variants.transformers.options import TransformersOptions
 from engines.variants.transformers.token_stream import TokenStreamer
 
@@ -94,16 +95,25 @@ class TransformersEngine(Scoring):
     def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
         from transformers import AutoModelForCausalLM
         attn = self.options.attn_implementation
-        if self._is_dummy():
-            from engines.models.dummy import random_model
-            model = random_model(source.path, self._torch_dtype(), self.device, attn)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(), attn_implementation=attn,
-                                                         trust_remote_code=trust_remote_code()).to(self.device)
+
+        def build():
+            if self._is_dummy():
+                from engines.models.dummy import random_model
+                return random_model(source.path, self._torch_dtype(), self.device, attn)
+            return AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(), attn_implementation=attn,
+                                                        trust_remote_code=trust_remote_code()).to(self.device)
+
+        # Engines declaring the same weights (weights_key) share one copy: engines/variants/transformers/shared_weights.py
+        model = shared_weights.load_model(self.weights_key(), source.path, attn, build)
         if self.options.compile:
             # A static cache gives torch.compile fixed shapes; generate() then compiles the forward.
             model.generation_config.cache_implementation = "static"
         return model
+
+    def weights_key(self) -> "shared_weights.WeightsKey | None":
+        """Engines with equal keys share one copy of their weights (and the memory plan counts it once);
+        None for quantized subclasses, whose precision() reports packed linear weights."""
+        return shared_weights.weights_key(self)
 
     def _generate_kwargs(self, params: GenerationParams) -> dict:
         """Extra generate() arguments; the speculative variant adds its drafting here."""
@@ -203,6 +213,7 @@ class TransformersEngine(Scoring):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        shared_weights.release(self.model)
         self.model = None
         self.tokenizer = None
         release_freed_memory()

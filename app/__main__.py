@@ -53,32 +53,46 @@ def config_from_args(args: argparse.Namespace, environ=os.environ):
 
 def create(config):
     """Build the Blocks and its launch options for one AppConfig; every handle lives in the result."""
+    demo, options, _ = _build(config)
+    return demo, options
+
+
+def _build(config):
     from app.callbacks import Playground
     from app.layout import build_app, launch_options
     from app.session import EnginePool, build_choices
     playground = Playground(config, EnginePool(config.model, build_choices()))
-    return build_app(playground), launch_options(playground)
+    return build_app(playground), launch_options(playground), playground
 
 
 def serve(config) -> int:
     """Build and launch the page (blocks until it stops); shared by `python -m app` and app/space.py.
-    A model that cannot be used, a port in use or a host not of this machine is one line on stderr, exit 2."""
-    try:
-        demo, options = create(config)
-    except EngineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        demo.launch(**options)
-    except OSError:
-        # Gradio's own text for a port it cannot bind suggests Gradio settings, not this app's options.
-        if _is_port_taken(config.port):
-            print(f"error: port {config.port} is in use (set --port or PORT)", file=sys.stderr)
-        else:
-            print(f"error: cannot listen on {config.host}:{config.port}; --host must be an address of this machine "
-                  f"(127.0.0.1, or 0.0.0.0 for all)", file=sys.stderr)
-        return 2
-    return 0
+    A model that cannot be used, a port in use or a host not of this machine is one line on stderr, exit 2.
+    SIGTERM, SIGINT and Ctrl-C close the page, unload the engines and end every process they started
+    (engines.cli.ProcessOwner), within 10 s; a watchdog does it if the app is killed outright."""
+    from engines.cli import ProcessOwner
+    with ProcessOwner() as owner:
+        try:
+            demo, options, playground = _build(config)
+        except EngineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return owner.exit_status
+        owner.unload = playground.pool.unload_all
+        try:
+            demo.launch(**options)  # returns when a signal interrupts it (Gradio closes the server)
+        except KeyboardInterrupt:
+            pass
+        except OSError:
+            # Gradio's own text for a port it cannot bind suggests Gradio settings, not this app's options.
+            if _is_port_taken(config.port):
+                print(f"error: port {config.port} is in use (set --port or PORT)", file=sys.stderr)
+            else:
+                print(f"error: cannot listen on {config.host}:{config.port}; --host must be an address of this "
+                      f"machine (127.0.0.1, or 0.0.0.0 for all)", file=sys.stderr)
+            return 2
+    return owner.exit_status
 
 
 def _is_port_taken(port: int) -> bool:

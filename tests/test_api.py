@@ -24,15 +24,17 @@ PROMPT = "The capital of France is"
 REAL = "the app's model (real weights)"  # app/bench_tab.py REAL_WEIGHTS
 
 
-def start_app(port: int, *arguments: str, log_name: str = "api_server.log", **environ) -> subprocess.Popen:
-    """`python -m app` on 127.0.0.1:port (or as `arguments` say), answering once its page loads."""
+def start_app(port: int, *arguments: str, log_name: str = "api_server.log", new_session: bool = False,
+              **environ) -> subprocess.Popen:
+    """`python -m app` on 127.0.0.1:port (or as `arguments` say), answering once its page loads; with
+    new_session, as a terminal starts it: the leader of its own process group."""
     log_path = ROOT / "test-artifacts" / log_name
     log_path.parent.mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items() if key not in ("PORT", "PLAYGROUND_HOSTED", "SPACE_ID")}
     env.update(HF_HUB_OFFLINE="1", **environ)
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), *arguments], cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         try:

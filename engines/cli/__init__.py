@@ -26,7 +26,6 @@ COMMANDS = {
     "bench": ("engines.cli.bench", "benchmark engines: speed, memory, roofline and quality tables and plots"),
     "load": ("engines.cli.load", "N simultaneous requests against one engine: aggregate tok/s, TTFT, peak KV"),
     "kv": ("engines.cli.kv", "KV-cache size per token and per context, and how many tokens fit in memory"),
-    "plan": ("engines.cli.plan", "device memory per engine, vLLM shares and whether a set fits, before loading"),
 }
 
 
@@ -69,70 +68,69 @@ def _is_entry_point() -> bool:
 # vLLM runs its engine core in a child process, which starts the workers. A Python process ended by
 # SIGTERM runs no cleanup, so they lived on, reparented to init. Inside a ProcessOwner, SIGTERM and
 # SIGINT unwind the main thread like Ctrl-C; the engines are unloaded (`unload`, and the commands' own
-# `finally: engine.unload()`), then every descendant still there is terminated and, after 3 s, killed:
-# all within 10 s of the signal, a second signal at once. A watchdog process does the same if this one
+# `finally: engine.unload()`, given 2.5 s), then every descendant still there is terminated and, after
+# 3 s, killed: 5-9 s after the signal on 2 busy cores, a second signal at once. A watchdog process does the same if this one
 # is killed outright (SIGKILL, the out-of-memory killer): it notes this process's descendants twice a
 # second and ends them when its parent is gone. prctl(PR_SET_PDEATHSIG) would need code in every child
 # and fires when the *thread* that started the child ends; vLLM starts its engine core from whichever
 # thread loads it (in the app, a pane's short-lived worker thread), so it would kill a working engine.
-UNLOAD_BUDGET_S = 4.0
+UNLOAD_BUDGET_S = 2.5
 TERMINATE_WAIT_S = 3.0
-EXIT_GRACE_S = 1.5
+KILL_WAIT_S = 1.0
+EXIT_GRACE_S = 0.5
 WATCH_INTERVAL_S = 0.5
+# multiprocessing's resource tracker ignores SIGTERM and exits by itself once every process holding its
+# pipe is gone, unlinking the shared memory they leaked; killing it first would leave that memory behind.
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
 
-WATCHDOG = """
-import os, signal, sys, time
-import psutil
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
-parent_pid, interval_s, wait_s = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-try:
-    parent = psutil.Process(parent_pid)
-except psutil.NoSuchProcess:
-    sys.exit(0)
-known = []
-while os.getppid() == parent_pid:
+
+def _is_gone(process) -> bool:
+    import psutil
     try:
-        known = [child for child in parent.children(recursive=True) if child.pid != os.getpid()]
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
-        pass
-    time.sleep(interval_s)
-found = {}
-for process in known:  # is_running() compares start times, so a reused pid is left alone
-    try:
-        if process.is_running():
-            found[process.pid] = process
-            found.update((child.pid, child) for child in process.children(recursive=True))
-    except psutil.Error:
-        pass
-for process in found.values():
-    try:
-        process.terminate()
-    except psutil.Error:
-        pass
-for process in psutil.wait_procs(list(found.values()), timeout=wait_s)[1]:
-    try:
-        process.kill()
-    except psutil.Error:
-        pass
-"""
+        return True
+
+
+def _wait_gone(processes: list, wait_s: float) -> list:
+    deadline = time.monotonic() + wait_s
+    while True:
+        for process in processes:  # reaps this process's own children (psutil waits on them with waitpid)
+            try:
+                process.wait(timeout=0)
+            except Exception:  # not ended yet, not our child, or already reaped
+                pass
+        alive = [process for process in processes if not _is_gone(process)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def end_processes(processes: list, wait_s: float = TERMINATE_WAIT_S) -> list[int]:
-    """Terminate the psutil processes, wait up to wait_s, kill what is left; the pids that needed the kill."""
+    """Terminate the psutil processes (resource trackers excepted, see RESOURCE_TRACKER), wait up to
+    wait_s until they are gone (a zombie counts), kill what is left; the pids that needed the kill."""
     import psutil
+    processes = [process for process in processes if not _is_resource_tracker(process)]
     for process in processes:
         try:
             process.terminate()
         except psutil.Error:
             pass
-    alive = psutil.wait_procs(processes, timeout=wait_s)[1] if wait_s > 0 else processes
+    alive = _wait_gone(processes, wait_s)
     for process in alive:
         try:
             process.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=1.0)
+    _wait_gone(alive, KILL_WAIT_S)
     return [process.pid for process in alive]
+
+
+def _is_resource_tracker(process) -> bool:
+    try:
+        return any(RESOURCE_TRACKER in part for part in process.cmdline())
+    except Exception:
+        return False
 
 
 def descendants() -> list:
@@ -143,10 +141,49 @@ def descendants() -> list:
         return []
 
 
+def watch_parent(parent_pid: int) -> None:
+    """The watchdog's loop (a process of its own, started by ProcessOwner): note the parent's descendants
+    every WATCH_INTERVAL_S; once the parent is gone, end those still running and what they started since."""
+    import psutil
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:
+        return
+    known: list = []
+    while os.getppid() == parent_pid:
+        try:
+            known = [child for child in parent.children(recursive=True) if child.pid != os.getpid()]
+        except psutil.Error:
+            pass
+        time.sleep(WATCH_INTERVAL_S)
+    found = {}
+    for process in known:  # is_running() compares start times, so a reused pid is left alone
+        try:
+            if process.is_running():
+                found[process.pid] = process
+                found.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.Error:
+            pass
+    end_processes(list(found.values()))
+
+
+def _flush_and_exit(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 class ProcessOwner:
-    """`with ProcessOwner(unload) as owner:` around a process's whole work (the app, a command). `unload`
+    """`with ProcessOwner(unload) as owner:` around a process's whole work (the app, a command), in the
+    process's entry point only: leaving the block ends every descendant of the process. `unload`
     (settable later, once the engines exist) frees the engines; `exit_status` is 128 + the signal that
-    ended the work, or 0. Signal handlers are installed only from the main thread."""
+    ended the work, or 0. After a signal the process ends when the block is left (os._exit, once the
+    engines are unloaded and their processes ended). Signal handlers are installed only from the main
+    thread."""
 
     def __init__(self, unload: Callable[[], object] | None = None):
         self.unload = unload
@@ -165,7 +202,7 @@ class ProcessOwner:
     def __enter__(self) -> "ProcessOwner":
         # Its own session, so a signal sent to this process group does not end it before its work.
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(WATCH_INTERVAL_S), str(TERMINATE_WAIT_S)],
+            [sys.executable, "-c", f"from engines.cli import watch_parent; watch_parent({os.getpid()})"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -179,6 +216,9 @@ class ProcessOwner:
             self._sweep()
         else:  # the shutdown thread unloads and sweeps; it is bounded
             self._is_swept.wait(UNLOAD_BUDGET_S + TERMINATE_WAIT_S + 2)
+            # Nothing is left to save, and the interpreter's own teardown of torch and vLLM can take seconds
+            # more (7 s after a vLLM run on 2 cores), so the process ends here.
+            _flush_and_exit(self.exit_status)
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         return False
@@ -188,20 +228,24 @@ class ProcessOwner:
             return
         if self.signal_number is not None:  # a second signal: no more waiting
             end_processes(descendants(), wait_s=0)
-            os._exit(128 + signum)
+            _flush_and_exit(128 + signum)
         self.signal_number = signum
-        print(f"\n{signal.Signals(signum).name}: unloading the engines and ending their processes",
-              file=sys.stderr)
+        # No printing here: a handler that writes while the main thread is writing can raise instead.
         threading.Thread(target=self._after_signal, name="shutdown", daemon=True).start()
         raise KeyboardInterrupt
 
     def _after_signal(self) -> None:
-        deadline = time.monotonic() + UNLOAD_BUDGET_S
+        started = time.monotonic()
+        print(f"\n{signal.Signals(self.signal_number).name}: unloading the engines and ending their processes",
+              file=sys.stderr)
+        deadline = started + UNLOAD_BUDGET_S
         self._unload(deadline)
         self._main_done.wait(max(0.0, deadline - time.monotonic()))  # e.g. a command's finally: unload()
         self._sweep()
-        time.sleep(EXIT_GRACE_S)  # the main thread normally finishes, and the process exits, meanwhile
-        os._exit(self.exit_status)
+        print(f"shutdown: engines unloaded and child processes ended {time.monotonic() - started:.1f} s after the "
+              f"signal", file=sys.stderr)
+        time.sleep(EXIT_GRACE_S)  # the main thread normally gets here first (__exit__)
+        _flush_and_exit(self.exit_status)
 
     def _unload(self, deadline: float) -> None:
         with self._lock:
@@ -222,5 +266,8 @@ class ProcessOwner:
         with self._lock:
             if self._is_swept.is_set():
                 return
-            end_processes(descendants())
+            processes = descendants()
+            killed = end_processes(processes)
+            if killed:
+                print(f"shutdown: {len(killed)} of {len(processes)} child processes needed SIGKILL", file=sys.stderr)
             self._is_swept.set()

@@ -47,6 +47,7 @@ from engines.models.catalog import DUMMY_PREFIX, catalog_entries, default_model_
 from engines.models.shape import ModelShape, read_config, shape_from_config
 from engines.protocol import EngineError, EngineUnavailable
 from engines.registry import create_engine, get_spec, split_variant
+from engines.variants.transformers.options import SpeculativeOptions, TransformersOptions
 from engines.variants.vllm.support import DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION, VllmOptions
 
 # Estimates, in GiB unless named otherwise ------------------------------------------------------------
@@ -212,7 +213,7 @@ def _is_out_of_process(name: str) -> bool:
 
 def _engine_device(engine, plan_device: str) -> str:
     """Where the engine's weights live: its own device option, else the plan's device."""
-    option = getattr(getattr(engine, "options", None), "device", None)
+    option = engine.options.device
     if option:
         return "cpu" if option == "cpu" else "cuda"
     return plan_device
@@ -269,27 +270,28 @@ def plan(engines: list, model: str | None, device_total_gib: float, device_free_
             label = item.strip()
             engine, unavailable = create_unloaded(label, model)
         else:
-            engine, label, unavailable = item, getattr(item, "name", type(item).__name__), ""
-        precision = engine.precision() if hasattr(engine, "precision") else None
-        row = EngineMemory(label=label, name=getattr(engine, "name", label), placement="this process",
+            engine, label, unavailable = item, item.name, ""
+        precision = engine.precision()
+        row = EngineMemory(label=label, name=engine.name, placement="this process",
                            precision=precision.label if precision else "unknown", weights_gib=0.0,
                            counted_weights_gib=0.0, shared_group=None, kv_gib=0.0, kv_note="", working_gib=0.0,
                            outside_share_gib=0.0)
         rows.append(row)
         if unavailable:
             row.notes.append(f"{unavailable} (sized anyway)")
-        engine_device = _engine_device(engine, device)
         if precision is None:
             row.placement = "remote server" if _is_out_of_process(row.name) else "unknown"
             row.notes.append("not on this device" if row.placement == "remote server" else
                              "its precision is unknown, so its memory is not estimated")
-        elif engine_device != device:
+            continue
+        engine_device = _engine_device(engine, device)
+        if engine_device != device:
             row.placement = "host memory" if engine_device == "cpu" else "GPU"
             row.notes.append(f"runs on the {engine_device.upper()}: not in the memory planned here")
-        elif isinstance(getattr(engine, "options", None), VllmOptions):
+        elif isinstance(engine.options, VllmOptions):
             _plan_vllm_row(row, engine.options, shape, precision, device, total_bytes, max_vllm_share, flexible)
         else:
-            key = engine.weights_key() if hasattr(engine, "weights_key") else None
+            key = engine.weights_key() if isinstance(engine.options, TransformersOptions) else None
             if key is not None:
                 groups.setdefault(key, []).append(row)
             _plan_in_process_row(row, engine, shape, precision, context)
@@ -327,7 +329,7 @@ def _plan_in_process_row(row: EngineMemory, engine, shape: ModelShape, precision
     kv = kv_bytes(shape, context, precision.kv_bytes_per_element)
     row.working_gib = _gib(in_process_working_bytes(shape, compute_bytes, weights))
     row.kv_note = f"one sequence of {context:,} tokens"
-    draft = getattr(getattr(engine, "options", None), "draft_model", None)
+    draft = engine.options.draft_model if isinstance(engine.options, SpeculativeOptions) else None
     draft_shape, draft_note = _draft_shape(draft)
     extra = 0.0
     if draft_shape is not None:

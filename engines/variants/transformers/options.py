@@ -19,6 +19,7 @@ class TransformersOptions:
     sdpa_backend: str = option("auto", choices=SDPA_BACKENDS)
     compile: bool = option(False, doc="static KV cache + torch.compile (GPU)")
     dummy_weights: bool = option(False, doc="random weights built from the config (the bench's --dummy-weights)")
+    share_weights: bool = option(True, doc="share one copy of the weights with engines of the same model and dtype")
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,13 @@ class SpeculativeOptions(TransformersOptions):
     max_matching_ngram_size: int | None = option(None, minimum=1)
     draft_model: str | None = option(None, doc="a draft model (same tokenizer) instead of prompt lookup")
     num_assistant_tokens: int | None = option(None, minimum=1, doc="draft tokens per step (draft model)")
+
+
+@dataclass(frozen=True)
+class AwqOptions(TransformersOptions):
+    checkpoint: str | None = option(None, doc="an AWQ checkpoint folder or hub id to load instead of quantizing "
+                                              "(default: the catalogue's awq_hub_id for the model, if any)")
+    backend: str | None = option(None, doc="a GPTQModel BACKEND value, e.g. awq_torch (default: the first that loads)")
+    # GPTQModel's AWQ kernels: torch and ATen take groups of 16-128, Marlin 32-128.
+    group_size: int = option(128, choices=(32, 64, 128))
+    num_calibration_samples: int = option(16, minimum=1)

@@ -65,16 +65,16 @@ def normalize_device(device: str) -> str:
 def weights_key(engine) -> WeightsKey | None:
     """The engine's shareable-weights declaration, or None when its weights are its own. Reads only the
     created (not loaded) engine: its options (dtype, dummy_weights), device, model name and precision()."""
-    options = getattr(engine, "options", None)
-    dtype = getattr(options, "dtype", None)
-    precision = engine.precision() if hasattr(engine, "precision") else None
-    if dtype not in DTYPE_BYTES or precision is None:
+    options = engine.options
+    dtype = options.dtype
+    precision = engine.precision()
+    if not options.share_weights or dtype not in DTYPE_BYTES or precision is None:
         return None
     dtype_bytes = DTYPE_BYTES[dtype]
     if precision.linear_bytes_per_weight != dtype_bytes or precision.other_bytes_per_weight != dtype_bytes:
         return None  # quantized: the weights are packed per engine
-    model = getattr(engine, "model_name", None) or default_model_name()
-    is_random = bool(getattr(options, "dummy_weights", False)) or model.startswith(DUMMY_PREFIX)
+    model = engine.model_name or default_model_name()
+    is_random = options.dummy_weights or model.startswith(DUMMY_PREFIX)
     return WeightsKey(model, dtype, normalize_device(str(engine.device)), is_random)
 
 

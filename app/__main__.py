@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -51,6 +52,32 @@ def config_from_args(args: argparse.Namespace, environ=os.environ):
                      max_panes=args.max_panes, refresh_hz=args.refresh_hz, max_queue=args.max_queue)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is this machine only; a name other than localhost counts as not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def apply_exposure_policy(host: str, environ=os.environ) -> str:
+    """A page that listens beyond loopback applies the hosted mode's allow-lists (PLAYGROUND_HOSTED=1, read
+    by engines.models.catalog.is_hosted) unless the operator set PLAYGROUND_HOSTED themselves; the line
+    to tell the operator, or "" on loopback."""
+    if is_loopback(host):
+        return ""
+    if environ.get("PLAYGROUND_HOSTED", "").strip() == "":
+        environ["PLAYGROUND_HOSTED"] = "1"
+    if environ["PLAYGROUND_HOSTED"] == "1" or environ.get("SPACE_ID"):  # catalog.is_hosted's rule
+        return (f"listening on {host}, beyond this machine: hosted mode is on, so only allowed models and folders "
+                f"are read (PLAYGROUND_ALLOWED_MODELS, PLAYGROUND_ALLOWED_MODEL_DIRS); PLAYGROUND_HOSTED=0 turns "
+                f"it off")
+    return (f"listening on {host}, beyond this machine, with hosted mode off (PLAYGROUND_HOSTED="
+            f"{environ['PLAYGROUND_HOSTED']}): visitors may name any model or path this machine can read")
+
+
 def create(config):
     """Build the Blocks and its launch options for one AppConfig; every handle lives in the result."""
     demo, options, _ = _build(config)
@@ -71,6 +98,9 @@ def serve(config) -> int:
     SIGTERM, SIGINT and Ctrl-C close the page, unload the engines and end every process they started
     (engines.cli.ProcessOwner), within 10 s; a watchdog does it if the app is killed outright."""
     from engines.cli import ProcessOwner
+    note = apply_exposure_policy(config.host)
+    if note:
+        print(note, file=sys.stderr)
     with ProcessOwner() as owner:
         try:
             demo, options, playground = _build(config)

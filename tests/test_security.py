@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.__main__ import build_parser, config_from_args, create
+from app.__main__ import apply_exposure_policy, build_parser, config_from_args, create
 from app.callbacks import AppConfig
 from app.kv_tab import calculate_kv
 from engines.models.sources import resolve_model
@@ -135,3 +135,52 @@ def test_the_served_page_is_on_loopback_only_and_serves_no_arbitrary_file():
                 httpx.get(f"http://{address}:{port}", timeout=5)
     finally:
         demo.close()
+
+
+# Issue 13, item 6: a page that listens beyond loopback applies the hosted allow-lists unless the operator
+# turns them off explicitly, and its refusal of a path does not tell whether the file exists.
+@pytest.mark.parametrize("host, preset, hosted, note", [
+    ("127.0.0.1", None, None, ""), ("localhost", None, None, ""), ("::1", None, None, ""),
+    ("127.0.0.2", None, None, ""),
+    ("0.0.0.0", None, "1", "hosted mode is on"), ("192.168.1.20", None, "1", "hosted mode is on"),
+    ("::", None, "1", "hosted mode is on"), ("my-host.example", None, "1", "hosted mode is on"),
+    ("0.0.0.0", "0", "0", "hosted mode off (PLAYGROUND_HOSTED=0)"),   # the operator's explicit opt-out
+    ("0.0.0.0", "1", "1", "hosted mode is on"),
+])
+def test_listening_beyond_loopback_turns_hosted_mode_on(host, preset, hosted, note):
+    environ = {} if preset is None else {"PLAYGROUND_HOSTED": preset}
+    assert apply_exposure_policy(host, environ).startswith(f"listening on {host}") == bool(note)
+    assert note in apply_exposure_policy(host, environ) and environ.get("PLAYGROUND_HOSTED") == hosted
+
+
+def _kv_report(url: str, config: str) -> str:
+    from gradio_client import Client
+    return Client(url, verbose=False, download_files=False).predict(config, 80, 8192, api_name="/kv")[0]
+
+
+def test_an_app_on_all_interfaces_reads_no_path_and_does_not_tell_which_exist(tmp_path):
+    # The real `python -m app --host 0.0.0.0`, reached through loopback. Hosted mode is on by itself: the KV
+    # field's paths are refused before anything is read, in the same words whether the file exists or not.
+    from tests.test_api import start_app, stop_app
+    port = free_loopback_port()
+    server = start_app(port, "--host", "0.0.0.0", log_name="exposed_server.log")
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        missing = tmp_path / "no-such-config.json"
+        reports = {path: _kv_report(url, path) for path in ("/etc/passwd", str(missing), "/etc")}
+        for path, report in reports.items():
+            assert report.startswith("**Cannot calculate:**") and "outside the folders this hosted playground" \
+                in report, report
+            assert "JSON" not in report and "not found" not in report and "does not exist" not in report
+        assert len({report.replace(path, "PATH") for path, report in reports.items()}) == 1, reports
+        assert "llama-3-8b" in _kv_report(url, "llama-3-8b")   # the shipped shapes still work
+    finally:
+        stop_app(server)
+    log = (Path(__file__).resolve().parent.parent / "test-artifacts" / "exposed_server.log").read_text()
+    assert "listening on 0.0.0.0, beyond this machine: hosted mode is on" in log
+    # PLAYGROUND_HOSTED=0 is the operator's explicit opt-out: the same page then reads what it is given.
+    server = start_app(port, "--host", "0.0.0.0", log_name="exposed_server_opt_out.log", PLAYGROUND_HOSTED="0")
+    try:
+        assert "could not be read as JSON" in _kv_report(f"http://127.0.0.1:{port}/", "/etc/passwd")
+    finally:
+        stop_app(server)

@@ -99,8 +99,9 @@ def build(config=None, concurrency_id: str = "engines") -> None:
     rows = list_engines()
     available = [row["name"] for row in rows if row["is_available"]]
     with gr.Row():
-        engines = gr.CheckboxGroup([(row["name"] if row["is_available"] else f"{row['name']} (unavailable)", row["name"])
-                                    for row in rows], value=available[:1], label="Engines (run one after another)",
+        engines = gr.CheckboxGroup([(row["name"] if row["is_available"] else f"{row['name']} (unavailable)",
+                                     row["name"]) for row in rows],
+                                   value=available[:1], label="Engines (run one after another)",
                                    elem_id="bench-engines")
     with gr.Row():
         max_new_tokens = gr.Number(64, label="New tokens N", precision=0, minimum=1, maximum=MAX_NEW_TOKENS_LIMIT,

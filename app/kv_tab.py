@@ -8,9 +8,9 @@ import plotly.graph_objects as go
 
 from app.inputs import real_number, text_of, whole_number
 from engines.measure.kv_calc import GIB, KV_DTYPE_BYTES, calculate, kv_bytes, to_markdown
+from engines.models.catalog import default_model_name
 from engines.models.shape import available_configs
 from engines.models.sources import load_shape
-from engines.models.catalog import default_model_name
 from engines.protocol import EngineError
 
 NUM_CHART_POINTS = 64
@@ -34,14 +34,16 @@ def calculate_kv(config_name, vram_gb, context_tokens) -> tuple[str, go.Figure |
 
 
 def kv_chart(shape, context_tokens: int) -> go.Figure:
-    contexts = sorted({max(1, round(context_tokens * index / NUM_CHART_POINTS)) for index in range(NUM_CHART_POINTS + 1)})
+    contexts = sorted({max(1, round(context_tokens * index / NUM_CHART_POINTS))
+                       for index in range(NUM_CHART_POINTS + 1)})
     layouts = [("MHA", shape.num_attention_heads)]
     if shape.num_kv_heads != shape.num_attention_heads:
         layouts.append((shape.attention_layout, shape.num_kv_heads))
     figure = go.Figure()
     for layout, num_kv_heads in layouts:
         for dtype, dtype_bytes in KV_DTYPE_BYTES.items():
-            figure.add_scatter(x=contexts, y=[kv_bytes(shape, tokens, dtype_bytes, num_kv_heads) / GIB for tokens in contexts],
+            sizes_gib = [kv_bytes(shape, tokens, dtype_bytes, num_kv_heads) / GIB for tokens in contexts]
+            figure.add_scatter(x=contexts, y=sizes_gib,
                                name=f"{layout} ({num_kv_heads} KV heads), {dtype}", mode="lines")
     figure.update_layout(title=f"KV cache of one sequence: {shape.name}", xaxis_title="context (tokens)",
                          yaxis_title="GiB", height=380, margin={"t": 50, "b": 40})

@@ -68,8 +68,10 @@ def build_app(playground: Playground) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Playground", id="playground"):
                 _build_playground(demo, playground)
-            with gr.Tab("Benchmark", id="bench"): bench_tab.build(config, concurrency_id=ENGINE_QUEUE)
-            with gr.Tab("KV calculator", id="kv"): kv_tab.build(config)
+            with gr.Tab("Benchmark", id="bench"):
+                bench_tab.build(config, concurrency_id=ENGINE_QUEUE)
+            with gr.Tab("KV calculator", id="kv"):
+                kv_tab.build(config)
         demo.unload(playground.on_tab_closed)
     demo.queue(default_concurrency_limit=1, max_size=config.max_queue)
     return demo

@@ -115,7 +115,8 @@ def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16
     assert any(all("streaming" in title for title, _, _ in panes_of(playground, output)[:2]) for output in outputs)
     assert len({panes_of(playground, output)[0][1] for output in outputs}) > 2
     charts = playground.page.charts
-    tokens_chart, memory_chart, kv_chart = (final[charts[name]] for name in ("tokens_per_second", "memory", "kv_blocks"))
+    tokens_chart, memory_chart, kv_chart = (final[charts[name]]
+                                            for name in ("tokens_per_second", "memory", "kv_blocks"))
     assert isinstance(tokens_chart, go.Figure) and len(tokens_chart.data) == 2
     assert {trace.name for trace in memory_chart.data} == {"now", "peak"} and len(memory_chart.data[0].x) == 2
     assert not kv_chart.data  # no paged engine in this run; the chart says so instead of drawing zeros

@@ -94,7 +94,9 @@ class BenchResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BenchResult":
-        """Read back results.json, e.g. to merge runs made in separate processes."""
+        """Read back results.json, e.g. to merge runs made in separate processes (its manifest is rebuilt
+        when the merged result is written)."""
+        data = {key: value for key, value in data.items() if key != "manifest"}
         return cls(**{**data, "config": BenchConfig(**data["config"]),
                       "rows": [BenchRow(**row) for row in data["rows"]]})
 

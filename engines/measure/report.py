@@ -63,7 +63,8 @@ def write_outputs(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md"}
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    data = {**result.to_dict(), "manifest": bench_manifest(result)}
+    paths["json"].write_text(json.dumps(data, indent=2, default=str))
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[item.name for item in fields(BenchRow)])
         writer.writeheader()
@@ -86,6 +87,15 @@ def write_outputs(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
         return paths
     paths.update({f"{name}_png": path for name, path in zip(figures, png_paths)})
     return paths
+
+
+def bench_manifest(result: BenchResult) -> dict:
+    """The reproducibility manifest of a bench run (engines/measure/manifest.py); every engine label with
+    the options the run gave it. Bench runs are greedy, so the seed is GenerationParams' default."""
+    from engines.measure.manifest import build_manifest
+    config = result.config
+    return build_manifest(model=result.model, engines={label: dict(config.engine_options) for label in config.engines},
+                          seed=0, mode="bench", device=result.device)
 
 
 def write_png_images(figures: list, paths: list[Path], width: int, height: int) -> str:

@@ -29,7 +29,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parents[1]))
 
-from engines.cli.load import measure_level  # noqa: E402
+from engines.measure.load import measure_level  # noqa: E402
 from engines.protocol import GenerationParams, describe_error  # noqa: E402
 from engines.measure.quality import perplexity_text, quality_prompts, token_agreement  # noqa: E402
 from engines.registry import create_engine  # noqa: E402

@@ -10,7 +10,8 @@ Options and everything else that faces vLLM's configuration live in engines/vari
 coroutines that drive AsyncLLM live in engines/variants/vllm/requests.py.
 
 For other modules: `last_token_ids` (of the latest stream), `perplexity(text)`, `run_concurrent()`
-(many requests at once, for the load command), `kv_stats()`, `num_unfinished_requests()`, `load_s`.
+(many requests at once, for the load command), `run_arrivals()` (requests at scheduled times, per-output
+times), `kv_stats()`, `num_unfinished_requests()`, `load_s`.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from engines.protocol import (Batching, ChatPrompt, EngineError, EngineStats, En
 from engines.hardware import has_gpu
 from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
 from engines.variants.streaming import stream_request
-from engines.variants.vllm.requests import (RequestTiming, cancel_pending_tasks, gather_timed, produce_deltas,
-                                   prompt_perplexity)
+from engines.variants.vllm.requests import (RequestTiming, arrivals_timed, cancel_pending_tasks, gather_timed,
+                                            produce_deltas, prompt_perplexity)
 from engines.variants.vllm.support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
                                   stat_logger_factory)
 
@@ -166,6 +167,21 @@ class VllmEngine(Scoring, Batching):
         all_ids = [self.encode(validate_prompt(prompt), params.max_new_tokens) for prompt in prompts]
         self.telemetry.reset_counters()
         return self._call(gather_timed(self._llm, self.name, all_ids, self._sampling_params(params)))
+
+    def run_arrivals(self, prompts: list, arrival_offsets_s: list[float], params: GenerationParams,
+                     max_concurrency: int | None = None) -> list[RequestTiming]:
+        """Submit prompt i at arrival_offsets_s[i] seconds from now (open-loop arrivals; at most
+        max_concurrency in flight when given); each timed from its arrival, with every output's time."""
+        if self._llm is None:
+            raise EngineError(f"{self.name}: not loaded")
+        params = params.validate()
+        all_ids = [self.encode(validate_prompt(prompt), params.max_new_tokens) for prompt in prompts]
+        # Chat turns end at the template's end-of-turn token, as in stream().
+        first = prompts[0] if prompts else None
+        stops = {"stop_token_ids": list(first.stop_token_ids)} if isinstance(first, ChatPrompt) else {}
+        self.telemetry.reset_counters()
+        return self._call(arrivals_timed(self._llm, self.name, all_ids, self._sampling_params(params, **stops),
+                                         list(arrival_offsets_s), max_concurrency))
 
     def perplexity(self, text: str) -> float:
         """exp(mean negative log-likelihood) of the text's tokens after BOS, from vLLM's prompt_logprobs.

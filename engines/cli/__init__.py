@@ -72,9 +72,10 @@ def _is_entry_point() -> bool:
 # `finally: engine.unload()`, given 2.5 s), then every descendant still there is terminated and, after
 # 3 s, killed: 5-9 s after the signal on 2 busy cores, a second signal at once. A watchdog process
 # does the same if this one is killed outright (SIGKILL, the out-of-memory killer): it notes this
-# process's descendants twice a second and ends them when its parent is gone. prctl(PR_SET_PDEATHSIG) would need code in every child
-# and fires when the *thread* that started the child ends; vLLM starts its engine core from whichever
-# thread loads it (in the app, a pane's short-lived worker thread), so it would kill a working engine.
+# process's descendants twice a second and ends them when its parent is gone.
+# prctl(PR_SET_PDEATHSIG) would need code in every child and fires when the *thread* that started the
+# child ends; vLLM starts its engine core from whichever thread loads it (in the app, a pane's
+# short-lived worker thread), so it would kill a working engine.
 UNLOAD_BUDGET_S = 2.5
 TERMINATE_WAIT_S = 3.0
 KILL_WAIT_S = 1.0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,6 +20,13 @@ from engines.protocol import GenerationParams
 from engines.registry import create_engine
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "test-artifacts")
+
+
+def pytest_sessionstart(session):
+    """vLLM's engine core is a child process: if pytest itself is killed (a CI timeout's SIGTERM), a
+    watchdog in its own session ends what the test session started (engines.cli.watch_parent)."""
+    subprocess.Popen([sys.executable, "-c", f"from engines.cli import watch_parent; watch_parent({os.getpid()})"],
+                     start_new_session=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
 
 
 def free_loopback_port() -> int:

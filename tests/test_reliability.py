@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from app.callbacks import AppConfig, Playground
+from app.layout import build_app
 from app.session import EnginePool, PaneChoice, build_choices
 from engines.variants.transformers.engine import TransformersEngine
 from engines.protocol import MAX_PROMPT_CHARS, GenerationParams
@@ -68,12 +69,14 @@ class FaultyEngine(TransformersEngine):
 def playground(bf16_engine):
     pool = EnginePool(None, build_choices())
     pool.adopt("bf16", bf16_engine)
-    return Playground(AppConfig(refresh_hz=5.0, chart_interval_s=0.5), pool)
+    playground = Playground(AppConfig(refresh_hz=5.0, chart_interval_s=0.5), pool)
+    build_app(playground)  # the page whose components key the updates; nothing is served
+    return playground
 
 
 def final_record(playground, prompt=PROMPT, max_new_tokens=8, keys=("bf16",), temperature=0.0, request=None):
     outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, "parallel", list(keys), request))
-    return outputs[-1]
+    return outputs[-1][playground.page.record]
 
 
 def extra_threads(before: set[threading.Thread]) -> list[str]:
@@ -98,14 +101,15 @@ def wait_until(condition, timeout_s: float = 10.0) -> bool:
     ("a" * 1_000_000, 8, 0.0, f"the limit is {MAX_PROMPT_CHARS:,}"),  # a 1 MB paste
     (PROMPT, 10 ** 9, 0.0, "max_new_tokens must be between 1 and"),  # absurdly large
     (PROMPT, -3, 0.0, "max_new_tokens must be between 1 and"),       # <= 0
-    (PROMPT, "many", 0.0, "must be numbers"),                       # not a number (an API client's string)
-    (PROMPT, 8, "hot", "must be numbers"),
+    (PROMPT, "many", 0.0, "must be a number"),                       # not a number (an API client's string)
+    (PROMPT, 8, "hot", "must be a number"),
 ])
 def test_bad_input_gets_a_clear_status_line(playground, bf16_engine, prompt, max_new_tokens, temperature, expected):
     tokens_before = list(bf16_engine.last_token_ids)
     outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, "parallel", ["bf16"]))
-    assert len(outputs) == 1 and expected in outputs[0][0], outputs[0][0]
-    assert "Traceback" not in outputs[0][0] and bf16_engine.last_token_ids == tokens_before
+    status = outputs[0][playground.page.status]
+    assert len(outputs) == 1 and expected in status, status
+    assert "Traceback" not in status and bf16_engine.last_token_ids == tokens_before
 
 
 def test_a_prompt_longer_than_the_context_says_the_limit_in_its_pane(playground, bf16_engine):
@@ -113,7 +117,7 @@ def test_a_prompt_longer_than_the_context_says_the_limit_in_its_pane(playground,
     limit = bf16_engine.max_context_tokens
     prompt = "word " * (limit + 100)
     assert len(prompt) <= MAX_PROMPT_CHARS
-    pane = final_record(playground, prompt=prompt)[1].panes[0]
+    pane = final_record(playground, prompt=prompt).panes[0]
     assert pane.status == "error" and f"accepts {limit} tokens" in pane.message and not pane.text
     assert not bf16_engine._lock.locked()
 
@@ -159,15 +163,16 @@ def test_a_fault_mid_stream_stays_in_its_pane_and_the_engine_reloads(bf16_engine
     pool = EnginePool(None, choices, engine_factory=factory)
     pool.adopt("bf16", bf16_engine)
     playground = Playground(AppConfig(), pool)
+    build_app(playground)
     threads_before = set(threading.enumerate())
-    good, faulty = final_record(playground, max_new_tokens=12, keys=("bf16", "faulty"))[1].panes
+    good, faulty = final_record(playground, max_new_tokens=12, keys=("bf16", "faulty")).panes
     assert good.status == "done" and good.stats.num_tokens >= 3 and good.text.strip()
     assert faulty.status == "error" and expected in faulty.message and "Traceback" not in faulty.message
     assert faulty.stats.finish_reason == "error" and faulty.stats.num_tokens == 2  # steps 1-2 streamed
     engine = pool.engine("faulty")
     assert not engine._lock.locked() and wait_until(lambda: not extra_threads(threads_before))
     assert pool.unload("faulty") and not engine.is_loaded  # a reload: unload, and the next run loads afresh
-    record = final_record(playground, max_new_tokens=6, keys=("faulty",))[1]
+    record = final_record(playground, max_new_tokens=6, keys=("faulty",))
     assert record.panes[0].status == "done" and record.panes[0].text == good.text[:len(record.panes[0].text)]
     pool.unload("faulty")
 
@@ -189,13 +194,14 @@ def test_an_engine_whose_weights_are_corrupt_fails_to_load_in_its_pane_and_reloa
     pool = EnginePool(None, choices, engine_factory=factory)
     pool.adopt("bf16", bf16_engine)
     playground = Playground(AppConfig(), pool)
-    good, bad = final_record(playground, keys=("bf16", "broken"))[1].panes
+    build_app(playground)
+    good, bad = final_record(playground, keys=("bf16", "broken")).panes
     assert good.status == "done" and good.text.strip()
     assert bad.status == "error" and "could not load" in bad.message and not bad.text
     assert "Traceback" not in bad.message and not pool.is_loaded("broken")
     (broken / "model.safetensors").unlink()
     (broken / "model.safetensors").symlink_to(real / "model.safetensors")
-    fixed = final_record(playground, keys=("broken",))[1].panes[0]
+    fixed = final_record(playground, keys=("broken",)).panes[0]
     assert fixed.status == "done" and fixed.text == good.text
     pool.unload("broken")
 
@@ -205,10 +211,10 @@ def test_stop_leaves_no_thread_running_and_the_engine_free(playground, bf16_engi
     threads_before = set(threading.enumerate())
     run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"])
     for output in run:
-        if output[1].panes[0].text:
+        if output[playground.page.record].panes[0].text:
             break
-    assert playground.stop() == "Stopping every engine…"
-    pane = list(run)[-1][1].panes[0]
+    assert playground.stop()[playground.page.status] == "Stopping every engine…"
+    pane = list(run)[-1][playground.page.record].panes[0]
     assert pane.status == "stopped" and pane.stats.num_tokens < 400
     assert not bf16_engine._lock.locked()
     assert wait_until(lambda: not extra_threads(threads_before)), extra_threads(threads_before)
@@ -220,17 +226,18 @@ def test_stop_on_vllm_leaves_no_request_in_vllm(bf16_engine, vllm_engine):
     pool = EnginePool(None, build_choices())
     pool.adopt("vllm", vllm_engine)
     playground = Playground(AppConfig(refresh_hz=5.0), pool)
+    build_app(playground)
     # The engine's event loop starts a worker pool on its first request and keeps it; a request before
     # the snapshot leaves only what one run starts, which must all be gone after Stop.
     run_stream(vllm_engine, PROMPT, max_new_tokens=2)
     threads_before = set(threading.enumerate())
     run = playground.run(PROMPT, 2000, 0.0, 0, "parallel", ["vllm"])
     for output in run:
-        if output[1].panes[0].text:
+        if output[playground.page.record].panes[0].text:
             break
     assert vllm_engine.num_unfinished_requests() == 1
     playground.stop()
-    pane = list(run)[-1][1].panes[0]
+    pane = list(run)[-1][playground.page.record].panes[0]
     assert pane.status == "stopped" and pane.stats.num_tokens < 2000
     assert wait_until(lambda: vllm_engine.num_unfinished_requests() == 0)
     assert wait_until(lambda: not extra_threads(threads_before)), extra_threads(threads_before)
@@ -243,13 +250,13 @@ def test_closing_the_tab_stops_that_sessions_run_only(playground, bf16_engine):
     tab, other_tab = gr.Request(session_hash="tab-1"), gr.Request(session_hash="tab-2")
     run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"], tab)
     for output in run:
-        if output[1].panes[0].text:
+        if output[playground.page.record].panes[0].text:
             break
     playground.on_tab_closed(other_tab)
     output = next(run)
-    assert output[1].panes[0].status == "running"
+    assert output[playground.page.record].panes[0].status == "running"
     playground.on_tab_closed(tab)
-    pane = list(run)[-1][1].panes[0]
+    pane = list(run)[-1][playground.page.record].panes[0]
     assert pane.status == "stopped" and pane.stats.num_tokens < 400
     assert not bf16_engine._lock.locked()
     assert wait_until(lambda: not extra_threads(threads_before)), extra_threads(threads_before)

@@ -21,8 +21,8 @@ import gradio as gr
 
 from app import charts, text
 from app.export import summary_rows, write_run_files
-from app.inputs import flag, names, one_of, real_number, whole_number
-from app.session import EnginePool, RunControls
+from app.inputs import chat_histories, flag, model_name, names, one_of, real_number, text_of, whole_number
+from app.session import EnginePool, RunControls, model_choices
 from app.streaming import MODES, PaneResult, RunRecord, StreamMerger
 from engines.protocol import EngineError, GenerationParams, describe_error, validate_prompt
 
@@ -33,6 +33,21 @@ REFERENCE_ENGINE = "bf16"
 LIVE_STATUSES = ("waiting", "loading", "running")
 TEMPERATURE_MAX = 2.0   # the page's slider; the engines accept up to 5
 SEED_LIMIT = 2 ** 63     # GenerationParams.validate: 0 <= seed < 2**63
+CHAT, COMPLETION = "Chat", "Completion"
+PROMPT_KINDS = (CHAT, COMPLETION)
+SYSTEM_MAX_CHARS = 4000
+
+
+def default_prompt_kind(model: str) -> str:
+    """Chat for a catalogue model with a chat template, completion otherwise."""
+    from engines.models.catalog import find_entry
+    entry = find_entry(model)
+    return CHAT if entry is not None and entry.is_chat else COMPLETION
+
+
+def plan_on_this_device(labels: list[str], model: str | None):
+    from engines.measure.memory_plan import plan_for_device
+    return plan_for_device(labels, model)
 
 
 @dataclass(frozen=True)
@@ -53,9 +68,10 @@ class AppConfig:
 class Playground:
     """The app's event functions, bound to one engine pool and, once app/layout.py built it, one page."""
 
-    def __init__(self, config: AppConfig, pool: EnginePool):
+    def __init__(self, config: AppConfig, pool: EnginePool, planner=plan_on_this_device):
         self.config = config
         self.pool = pool
+        self.planner = planner      # (plan labels, model) -> MemoryPlan; tests give simulated capacities
         self.controls = RunControls()
         self._page: PlaygroundPage | None = None
         self._reference = None
@@ -86,7 +102,8 @@ class Playground:
         for index, (column, title) in enumerate(zip(page.columns, page.titles)):
             is_shown = index < len(shown)
             updates[column] = gr.update(visible=is_shown)
-            updates[title] = (text.pane_title(self.pool.choice(shown[index]).label, shown[index], "waiting")
+            updates[title] = (text.pane_title(self.pool.choice(shown[index]).label, shown[index], "waiting",
+                                              self.pool.model_name)
                               if is_shown else "")
         return updates
 
@@ -104,9 +121,15 @@ class Playground:
         """Load the chosen engines in parallel, each pane showing its own progress."""
         yield from self._stream(keys, None, GenerationParams(), "parallel", request)
 
-    def run(self, prompt, max_new_tokens, temperature, seed, mode, keys, request: gr.Request | None = None):
-        """Stream the prompt through every chosen engine; yields page updates, throttled."""
+    def run(self, prompt, max_new_tokens, temperature, seed, mode, keys, prompt_kind=COMPLETION, system="",
+            histories=None, request: gr.Request | None = None):
+        """Stream the prompt through every chosen engine; yields page updates, throttled. In chat mode each
+        pane's prompt is the model's chat template over [system] + that pane's own earlier turns + the new
+        message, and its answer joins its own history (`histories`, a per-session gr.State by pane key)."""
         try:
+            prompt_kind = one_of(prompt_kind, "prompt kind", PROMPT_KINDS)
+            system = text_of(system or "", "system prompt", SYSTEM_MAX_CHARS).strip() or None
+            histories = chat_histories(histories)
             temperature = real_number(temperature, "temperature")
             if temperature > TEMPERATURE_MAX:
                 raise EngineError(f"temperature must be between 0 (greedy) and {TEMPERATURE_MAX:g}, got {temperature}")
@@ -117,9 +140,38 @@ class Playground:
         except EngineError as error:
             yield self._message_only(f"⚠️ {error}")
             return
-        yield from self._stream(keys, prompt, params, mode, request)
+        chat = (system, histories) if prompt_kind == CHAT else None
+        yield from self._stream(keys, prompt, params, mode, request, chat)
 
-    def _stream(self, keys, prompt, params, mode, request):
+    def _chat_prompts(self, panes: list[PaneResult], prompt: str, system: str | None, histories: dict) -> None:
+        """Each pane's ChatPrompt, built once per pane from the provisioned checkpoint, so every local engine
+        gets the same ids; EngineError (a model without a chat template) before anything loads."""
+        from engines.models.chat import chat_messages, chat_prompt_for
+        from engines.models.sources import resolve_model
+        path = resolve_model(self.pool.model).path
+        history_of = histories.get(self.pool.model_name, {})
+        for pane in panes:
+            pane.prompt = chat_prompt_for(path, chat_messages(prompt, system, history_of.get(pane.key, [])))
+
+    def _plan(self, keys: list[str]) -> str:
+        """The memory plan of the engines not yet loaded, as Markdown; EngineError when they cannot fit.
+        On a GPU, each vLLM engine's share goes into its creation options."""
+        from engines.measure.memory_plan import require_fit, to_markdown, vllm_share_options
+        new = [key for key in keys if not self.pool.is_loaded(key)]
+        if not new:
+            return ""
+        memory_plan = self.planner([self.pool.plan_label(key) for key in new], self.pool.model)
+        markdown = to_markdown(memory_plan)
+        try:
+            require_fit(memory_plan)
+        except EngineError as error:
+            raise PlanRefused(str(error), markdown) from None
+        for key, options in zip(new, vllm_share_options(memory_plan).values()):
+            if options:
+                self.pool.extra_options[key] = options
+        return markdown
+
+    def _stream(self, keys, prompt, params, mode, request, chat=None):
         try:
             keys = self._engine_keys(keys)
         except EngineError as error:
@@ -129,7 +181,21 @@ class Playground:
             yield self._message_only("⚠️ pick at least one engine")
             return
         panes = [PaneResult(key, self.pool.choice(key).label) for key in keys[:self.config.max_panes]]
-        record = RunRecord(self.pool.model or "", prompt, params, mode, panes)
+        page = self.page
+        plan_update = {}
+        try:
+            if chat is not None:
+                self._chat_prompts(panes, prompt, *chat)
+            markdown = self._plan([pane.key for pane in panes])
+            if markdown:
+                plan_update = {page.plan: markdown}
+        except PlanRefused as refused:
+            yield {page.status: f"⚠️ {refused}", page.plan: refused.markdown}
+            return
+        except EngineError as error:
+            yield self._message_only(f"⚠️ {error}")
+            return
+        record = RunRecord(self.pool.model_name, prompt, params, mode, panes)
         session = _session(request)
         stop_event = self.controls.start(session)
         merger = StreamMerger(self.pool, record, stop_event, self.config.refresh_hz)
@@ -139,9 +205,51 @@ class Playground:
                 is_chart_due = record.is_finished or time.perf_counter() >= next_chart
                 if is_chart_due:
                     next_chart = time.perf_counter() + self.config.chart_interval_s
-                yield self.render(record, with_charts=is_chart_due)
+                updates = {**self.render(record, with_charts=is_chart_due), **plan_update}
+                plan_update = {}
+                if record.is_finished and chat is not None:
+                    updates[page.histories] = self._with_answers(record, chat[1])
+                yield updates
         finally:
             self.controls.finish(session, stop_event)
+
+    def _with_answers(self, record: RunRecord, histories: dict) -> dict:
+        """The histories with this turn added to each pane that finished: the user's message and that pane's
+        own answer (a pane that failed or was stopped keeps its history as it was)."""
+        model = {**histories.get(record.model, {})}
+        for pane in record.panes:
+            if pane.status == "done":
+                model[pane.key] = [*model.get(pane.key, []), {"role": "user", "content": record.prompt},
+                                   {"role": "assistant", "content": pane.text}]
+        return {**histories, record.model: model}
+
+    def clear_chat(self) -> dict:
+        """Forget every pane's conversation (this browser session's only) and empty the panes' text."""
+        page = self.page
+        return {page.histories: {}, page.status: "Conversation cleared: the next message starts a new chat.",
+                **{body: "" for body in page.texts}}
+
+    def switch_model(self, model):
+        """Unload the old model's engines, with progress, and use the new one; its chat default follows."""
+        page = self.page
+        try:
+            model = model_name(model, model_choices(self.config.model or self.pool.model))
+        except EngineError as error:
+            yield {page.status: f"⚠️ {error}"}
+            return
+        if model == self.pool.model_name:
+            yield {page.status: f"Already on `{model}`."}
+            return
+        old = self.pool.model_name
+        yield {page.status: f"Switching from `{old}` to `{model}`: unloading its engines…"}
+        notes = []
+        unloaded = self.pool.switch_model(model, progress=notes.append)
+        with self._reference_lock:
+            self._reference = None
+        done = f"unloaded {', '.join(unloaded)}" if unloaded else "no engine was loaded"
+        yield {page.status: f"Switched to `{model}` ({done}); engines load on the next run, or with Load.",
+               page.model_info: text.model_summary(model), page.loaded: text.loaded_summary(self.pool.loaded_keys()),
+               page.prompt_kind: default_prompt_kind(model), page.plan: ""}
 
     def stop(self, request: gr.Request | None = None) -> dict:
         is_running = self.controls.stop(_session(request))
@@ -221,7 +329,10 @@ class Playground:
             return {page.export_note: "Nothing to export yet: run a prompt first."}
         root = Path(self.config.export_dir) if self.config.export_dir else Path(tempfile.gettempdir())
         out_dir = Path(tempfile.mkdtemp(prefix="playground-run-", dir=root))
-        paths, note = write_run_files(record, out_dir)
+        from engines.measure.manifest import engine_options_of
+        options = {pane.key: engine_options_of(self.pool.engine(pane.key)) for pane in record.panes
+                   if self.pool.is_loaded(pane.key)}
+        paths, note = write_run_files(record, out_dir, options)
         return {page.export_files: gr.update(value=[str(path) for path in paths], visible=True),
                 page.export_note: note or f"Exported {len(paths)} files."}
 
@@ -233,7 +344,7 @@ class Playground:
         updates = {page.status: text.run_status(record), page.record: record,
                    page.loaded: text.loaded_summary(self.pool.loaded_keys())}
         for pane, title, body, metrics in zip(record.panes, page.titles, page.texts, page.metrics):
-            updates[title] = text.pane_title(pane.label, pane.key, pane.status)
+            updates[title] = text.pane_title(pane.label, pane.key, pane.status, record.model)
             updates[body] = pane.text
             updates[metrics] = text.pane_metrics_html(pane.stats, pane.message, pane.status)
         if with_charts:
@@ -248,6 +359,14 @@ class Playground:
 
     def _message_only(self, message: str) -> dict:
         return {self.page.status: message}
+
+
+class PlanRefused(EngineError):
+    """The memory plan refused the chosen engines; carries the plan's Markdown for the page."""
+
+    def __init__(self, message: str, markdown: str):
+        super().__init__(message)
+        self.markdown = markdown
 
 
 def _session(request: gr.Request | None) -> str:

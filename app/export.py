@@ -13,6 +13,7 @@ from pathlib import Path
 
 from app.charts import run_figures
 from app.streaming import RunRecord
+from engines.measure.manifest import build_manifest
 from engines.measure.report import write_png_images
 
 QUALITY_FIELDS = ("greedy_agreement", "perplexity", "perplexity_ratio", "weight_footprint_gb", "is_suspect")
@@ -37,9 +38,19 @@ def summary_rows(record: RunRecord) -> list[dict]:
     return rows
 
 
-def run_json(record: RunRecord) -> dict:
+def run_manifest(record: RunRecord, engine_options: dict[str, dict] | None = None) -> dict:
+    """engines.measure.manifest.build_manifest for this run: every pane's engine with its options (by
+    pane key; {} for a pane whose options are not given), the run's seed and mode."""
+    engine_options = engine_options or {}
+    return build_manifest(model=record.model or None, engines={pane.key: engine_options.get(pane.key, {})
+                                                               for pane in record.panes},
+                          seed=record.params.seed, mode=record.mode)
+
+
+def run_json(record: RunRecord, engine_options: dict[str, dict] | None = None) -> dict:
+    """The whole run, with a reproducibility manifest (engines.measure.manifest.MANIFEST_FIELDS)."""
     return {"model": record.model, "prompt": record.prompt, "params": asdict(record.params), "mode": record.mode,
-            "started_at": record.started_at,
+            "started_at": record.started_at, "manifest": run_manifest(record, engine_options),
             "engines": [{"key": pane.key, "label": pane.label, "status": pane.status, "message": pane.message,
                          "text": pane.text, "quality": pane.quality,
                          "stats": pane.stats.to_dict(with_samples=True) if pane.stats else None}
@@ -58,10 +69,12 @@ def write_images(figures: dict, out_dir: Path) -> tuple[list[Path], str]:
     return html_paths, f"charts saved as HTML: PNG rendering failed ({problem})"
 
 
-def write_run_files(record: RunRecord, out_dir: Path) -> tuple[list[Path], str]:
+def write_run_files(record: RunRecord, out_dir: Path,
+                    engine_options: dict[str, dict] | None = None) -> tuple[list[Path], str]:
+    """run.json (with the manifest; `engine_options` by pane key), run.csv and the charts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "run.json", out_dir / "run.csv"
-    json_path.write_text(json.dumps(run_json(record), indent=2))
+    json_path.write_text(json.dumps(run_json(record, engine_options), indent=2, default=str))
     rows = summary_rows(record)
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -91,3 +91,111 @@ def kv_blocks_figure(panes: list[PaneResult]) -> go.Figure:
 def run_figures(panes: list[PaneResult]) -> dict[str, go.Figure]:
     return {"tokens_per_second": tokens_per_second_figure(panes), "memory": memory_figure(panes),
             "kv_blocks": kv_blocks_figure(panes)}
+
+
+# Race view ---------------------------------------------------------------------------------------
+# Every pane's token arrivals on one clock, with the point where each pane's greedy tokens first part
+# from the reference's (engines/measure/divergence.py) and its running agreement.
+DIVERGENCE_MARK = "⟦≠⟧"
+
+
+def race_offsets_s(panes: list[PaneResult], mode: str) -> dict[str, float]:
+    """Seconds from Run to each pane's submit. The samples count from each request's own submit: in
+    parallel mode every pane is submitted together (the workers wait at one barrier), so 0 each; in
+    fair mode the engines run one after another, so each starts after the previous panes' total_s."""
+    offsets, elapsed = {}, 0.0
+    for pane in panes:
+        offsets[pane.key] = elapsed if mode == "fair" else 0.0
+        if pane.stats is not None:
+            elapsed += (pane.stats.total_s or 0.0) + (pane.stats.wait_s or 0.0)
+    return offsets
+
+
+def divergences(panes: list[PaneResult], token_ids: dict[str, list[int]], reference_key: str = "bf16",
+                decode=None, is_complete: bool = True) -> dict:
+    """engines.measure.divergence.divergence_report of every pane with token ids against the reference
+    pane's ids (`decode`: pane key -> decode(ids) -> text, for the text offset); {} without a reference."""
+    from engines.measure.divergence import divergence_report
+    reference = token_ids.get(reference_key)
+    if reference is None:
+        return {}
+    decode = decode or {}
+    return {pane.key: divergence_report(reference, token_ids[pane.key], decode.get(pane.key), is_complete)
+            for pane in panes if pane.key != reference_key and pane.key in token_ids}
+
+
+def _arrival_s(samples, offset_s: float, token_index: int) -> float | None:
+    """When token `token_index` (0-based) had arrived: the first sample counting more tokens than it."""
+    for sample in samples:
+        if sample.num_tokens > token_index:
+            return offset_s + sample.t_s
+    return None
+
+
+def race_figure(panes: list[PaneResult], reports: dict | None = None, mode: str = "parallel",
+                reference_key: str = "bf16", margins: dict | None = None) -> go.Figure:
+    """Token index against seconds since Run for every pane; with `reports` (greedy runs, from
+    `divergences`), an ✕ where each pane parts from the reference and its running agreement (right
+    axis, dotted). `margins`: pane key -> engines.measure.divergence.TopTwo at the divergence."""
+    reports, margins = reports or {}, margins or {}
+    offsets = race_offsets_s(panes, mode)
+    traces = []
+    for index, pane in _measured(panes):
+        samples, offset = pane.stats.samples, offsets[pane.key]
+        traces.append({"type": "scatter", "mode": "lines", "line": {**_color(index), "shape": "hv"},
+                       "name": pane.label, "x": [offset + sample.t_s for sample in samples],
+                       "y": [sample.num_tokens for sample in samples]})
+        report = reports.get(pane.key)
+        if report is None:
+            continue
+        points = [(_arrival_s(samples, offset, position), value)
+                  for position, value in enumerate(report.running_agreement)]
+        points = [(t_s, value) for t_s, value in points if t_s is not None]
+        if points:
+            traces.append({"type": "scatter", "mode": "lines", "yaxis": "y2", "showlegend": False,
+                           "line": {**_color(index), "dash": "dot", "width": 1},
+                           "name": f"{pane.label}: agreement with {reference_key}",
+                           "x": [t_s for t_s, _ in points], "y": [value for _, value in points]})
+        position = report.divergence_index
+        t_s = _arrival_s(samples, offset, position) if position is not None else None
+        if t_s is not None:
+            margin = margins.get(pane.key)
+            hover = f"{pane.label} parts from {reference_key} at token {position}" + (
+                f"; top-2 margin {margin.margin:.2f} ({margin.best_text!r} over {margin.second_text!r})"
+                if margin is not None else "")
+            traces.append({"type": "scatter", "mode": "markers", "name": f"{pane.label} ≠ {reference_key} @ {position}",
+                           "marker": {**_color(index), "symbol": "x", "size": 12}, "x": [t_s], "y": [position + 1],
+                           "hovertext": [hover], "hoverinfo": "text", "customdata": [position]})
+    layout = {"yaxis2": {"title": {"text": f"agreement with {reference_key}"}, "overlaying": "y", "side": "right",
+                         "range": [0, 1.05], "showgrid": False, "visible": bool(reports and traces)}} if reports else {}
+    return _figure("Race: tokens on one clock" + (f", divergence from {reference_key} (✕)" if reports else ""),
+                   "seconds since Run", "tokens", traces, note="no tokens yet: press Run", **layout)
+
+
+def mark_divergence(text: str, report) -> str:
+    """The pane's text with DIVERGENCE_MARK where its first differing token starts."""
+    if report is None or report.text_offset is None:
+        return text
+    return text[:report.text_offset] + DIVERGENCE_MARK + text[report.text_offset:]
+
+
+def race_summary(panes: list[PaneResult], reports: dict, reference_key: str = "bf16",
+                 margins: dict | None = None, is_greedy: bool = True) -> str:
+    """Markdown, one line per compared pane: where it parts from the reference, and its agreement."""
+    if not is_greedy:
+        return f"Divergence from {reference_key}: greedy runs only (temperature 0)."
+    margins, lines = margins or {}, []
+    for pane in panes:
+        report = reports.get(pane.key)
+        if report is None:
+            continue
+        agreement = f"{report.agreement:.0%}" if report.agreement is not None else "n/a"
+        if report.divergence_index is None:
+            lines.append(f"- **{pane.label}**: same tokens as {reference_key} so far (agreement {agreement})")
+            continue
+        margin = margins.get(pane.key)
+        tie = (f"; top-2 margin there {margin.margin:.2f} logits ({margin.best_text!r} over {margin.second_text!r})"
+               if margin is not None else "")
+        lines.append(f"- **{pane.label}**: {DIVERGENCE_MARK} parts from {reference_key} at token "
+                     f"{report.divergence_index} (agreement {agreement}){tie}")
+    return "\n".join(lines) or f"No pane to compare with {reference_key}."

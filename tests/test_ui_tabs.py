@@ -40,3 +40,39 @@ def test_exported_run_json_holds_a_manifest_with_every_field(playground, bf16_en
     assert manifest["seed"] == 7 and manifest["mode"] == "fair" and manifest["model"]
     assert manifest["git_commit"] and manifest["device"] in ("cpu", "cuda")
     assert list(manifest["engines"]) == ["bf16"] and manifest["engines"]["bf16"]  # the engine's resolved options
+
+
+def constructed_pane(key: str, counts: list[int], step_s: float = 0.1):
+    from app.streaming import PaneResult
+    from engines.protocol import EngineStats, StatSample
+    samples = [StatSample(t_s=step_s * (index + 1), num_tokens=count, decode_tok_s=0.0, memory_gb=None)
+               for index, count in enumerate(counts)]
+    stats = EngineStats(engine=key, num_tokens=counts[-1], total_s=samples[-1].t_s, samples=samples)
+    return PaneResult(key, key.upper(), status="done", text="", stats=stats)
+
+
+def test_race_view_marks_the_divergence_on_constructed_tokens():
+    from app import charts
+    reference, other = [5, 6, 7, 8, 9, 10], [5, 6, 7, 1, 9, 10]
+    panes = [constructed_pane("bf16", [1, 2, 3, 4, 5, 6]), constructed_pane("fp8", [2, 4, 6])]
+    decode = {"fp8": lambda ids: "".join(f"<{token}>" for token in ids)}
+    reports = charts.divergences(panes, {"bf16": reference, "fp8": other}, decode=decode)
+    assert list(reports) == ["fp8"]
+    report = reports["fp8"]
+    assert report.divergence_index == 3 and report.text_offset == len("<5><6><7>")
+    assert report.running_agreement == [1.0, 1.0, 1.0, 0.75, 0.8, 5 / 6]
+    figure = charts.race_figure(panes, reports)
+    markers = [trace for trace in figure.data if trace.mode == "markers"]
+    assert len(markers) == 1 and list(markers[0].customdata) == [3]
+    # token 3 (the 4th) of fp8 arrived with its 2nd sample (4 tokens), at 0.2 s
+    assert list(markers[0].x) == [pytest.approx(0.2)] and list(markers[0].y) == [4]
+    agreement = [trace for trace in figure.data if trace.yaxis == "y2"]
+    assert len(agreement) == 1 and list(agreement[0].y)[-1] == pytest.approx(5 / 6)
+    text = "<5><6><7><1><9><10>"
+    assert charts.mark_divergence(text, report) == "<5><6><7>" + charts.DIVERGENCE_MARK + "<1><9><10>"
+    summary = charts.race_summary(panes, reports)
+    assert "token 3" in summary and charts.DIVERGENCE_MARK in summary and "83%" in summary
+    # fair mode: the second pane starts after the first one's total time, on the same clock
+    fair = charts.race_figure(panes, reports, mode="fair")
+    assert list([trace for trace in fair.data if trace.mode == "markers"][0].x) == [pytest.approx(0.8)]
+    assert "greedy runs only" in charts.race_summary(panes, reports, is_greedy=False)

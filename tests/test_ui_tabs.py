@@ -76,3 +76,39 @@ def test_race_view_marks_the_divergence_on_constructed_tokens():
     fair = charts.race_figure(panes, reports, mode="fair")
     assert list([trace for trace in fair.data if trace.mode == "markers"][0].x) == [pytest.approx(0.8)]
     assert "greedy runs only" in charts.race_summary(panes, reports, is_greedy=False)
+
+
+def test_load_tab_runs_levels_on_bf16_and_charts_them(bf16_engine, tmp_path):
+    from app import load_tab
+    pool = EnginePool(None, build_choices())
+    pool.adopt("bf16", bf16_engine)
+    outputs = list(load_tab.run_load_events(pool, "bf16", "1,2", "", "ttft_ms:60000", 2, 0, out_root=str(tmp_path)))
+    status, report, figure, kv, files = outputs[-1]
+    assert status.startswith("Done: 2 level(s)"), status
+    assert "concurrency 1" in report and "concurrency 2" in report and "goodput" in report
+    names = [trace.name for trace in figure.data]
+    assert names == ["output tok/s", "TTFT p50", "TTFT p95", "goodput req/s", "peak KV used"]
+    assert list(figure.data[0].x) == ["concurrency 1", "concurrency 2"] and all(y > 0 for y in figure.data[0].y)
+    assert "no KV allocation" in kv  # transformers reports no blocks; vLLM engines get kv_compare's table
+    data = json.loads(open(files[0]).read())
+    assert len(data["levels"]) == 2 and set(MANIFEST_FIELDS) <= set(data["manifest"])
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("levels", "1,x", "not a number"), ("levels", "0", "between 1 and"), ("rates", "-1", "positive"),
+    ("goodput", "ttft:abc", "not a number"), ("goodput", "speed:5", "NAME:MILLISECONDS"),
+    ("max_new_tokens", 0, "new tokens"), ("engine_key", "nope", "engine"), ("num_requests", -1, "requests"),
+    ("levels", "", "at least one")])
+def test_load_tab_answers_bad_input_with_a_status_line(field, value, shown):
+    from app import load_tab
+
+    class NoPool:
+        choices = {key: choice for key, choice in ((c.key, c) for c in build_choices())}
+
+        def load(self, *args, **kwargs):
+            raise AssertionError("nothing may load on bad input")
+
+    inputs = {"engine_key": "bf16", "levels": "1", "rates": "", "goodput": "", "max_new_tokens": 2,
+              "num_requests": 0, field: value}
+    outputs = list(load_tab.run_load_events(NoPool(), **inputs))
+    assert len(outputs) == 1 and outputs[0][0].startswith("**Cannot run:**") and shown in outputs[0][0], outputs

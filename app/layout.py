@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app import bench_tab, charts, kv_tab, load_tab, text
+from app import bench_tab, charts, kv_tab, load_tab, survey_tab, text
 from app.callbacks import SEED_LIMIT, TEMPERATURE_MAX, Playground
 from app.hosting import on_zero_gpu
 from app.streaming import MODES, PARALLEL
@@ -74,6 +74,8 @@ def build_app(playground: Playground) -> gr.Blocks:
                 kv_tab.build(config)
             with gr.Tab("Load", id="load"):
                 load_tab.build(playground, concurrency_id=ENGINE_QUEUE)
+            with gr.Tab("Survey", id="survey"):
+                survey_tab.build(config, concurrency_id=ENGINE_QUEUE)
         demo.unload(playground.on_tab_closed)
     demo.queue(default_concurrency_limit=1, max_size=config.max_queue)
     return demo

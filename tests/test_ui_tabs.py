@@ -112,3 +112,20 @@ def test_load_tab_answers_bad_input_with_a_status_line(field, value, shown):
               "num_requests": 0, field: value}
     outputs = list(load_tab.run_load_events(NoPool(), **inputs))
     assert len(outputs) == 1 and outputs[0][0].startswith("**Cannot run:**") and shown in outputs[0][0], outputs
+
+
+@pytest.mark.slow
+def test_survey_tab_runs_the_cheapest_survey_and_shows_its_report():
+    from app import survey_tab
+    outputs = list(survey_tab.run_survey_events(["bf16"], "2", False))
+    status, markdown, *figures = outputs[-1]
+    assert status == "Done.", status
+    assert "Number formats" in markdown and "bf16" in markdown
+    assert len(figures) == len(survey_tab.FIGURES) and figures[0] is not None
+
+
+def test_survey_tab_answers_bad_input_with_a_status_line():
+    from app import survey_tab
+    for engines, tokens in ((["nope"], "2"), ([], "2"), (["bf16"], "x"), (["bf16"], "0")):
+        outputs = list(survey_tab.run_survey_events(engines, tokens, False))
+        assert len(outputs) == 1 and outputs[0][0].startswith("**Cannot run:**"), outputs

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=None, help=f"port (default $PORT or {DEFAULT_PORT})")
     parser.add_argument("--model", default=None,
                         help="short name from assets/models.toml, hub id or local path "
-                             "(default: PLAYGROUND_MODEL or the embedded Gemma-3-270M)")
+                             "(default: PLAYGROUND_MODEL or the embedded SmolLM2-135M-Instruct, in chat mode)")
     parser.add_argument("--max-panes", type=int, default=6, help="most engines shown side by side (default 6)")
     parser.add_argument("--refresh-hz", type=float, default=5.0,
                         help="page updates per second while streaming (default 5; 4-10 is sensible)")
@@ -84,12 +84,17 @@ def create(config):
     return demo, options
 
 
-def _build(config):
+def _build(config, preload: bool = True):
+    """The page for `config`; its model is --model, else app.session.app_default_model(). With preload, the
+    page's default engines start loading in a background thread now, so the first Run finds them ready."""
     from app.callbacks import Playground
     from app.layout import build_app, launch_options
-    from app.session import EnginePool, build_choices
-    playground = Playground(config, EnginePool(config.model, build_choices()))
-    return build_app(playground), launch_options(playground), playground
+    from app.session import EnginePool, app_default_model, build_choices
+    playground = Playground(config, EnginePool(config.model or app_default_model(), build_choices()))
+    demo = build_app(playground)
+    if preload and os.environ.get("PLAYGROUND_PRELOAD", "1") != "0":
+        playground.start_preload()
+    return demo, launch_options(playground), playground
 
 
 def serve(config) -> int:

@@ -10,6 +10,7 @@ bad input becomes a status line before anything loads; an engine's failure stays
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import threading
 import time
@@ -76,6 +77,8 @@ class Playground:
         self._page: PlaygroundPage | None = None
         self._reference = None
         self._reference_lock = threading.Lock()
+        self._started_at = time.perf_counter()
+        self._preload = {"state": "idle", "note": "", "ready_s": None}   # this app's background load, by one thread
 
     @property
     def page(self) -> PlaygroundPage:
@@ -86,6 +89,42 @@ class Playground:
     def attach(self, page: PlaygroundPage) -> None:
         """Called by app/layout.py with the components that the events write to."""
         self._page = page
+
+    # Background load at start ---------------------------------------------------------------------
+    def default_keys(self) -> list[str]:
+        """The picker's initial choice (app/layout.py uses the same): the first available engine."""
+        return [next(key for key, choice in self.pool.choices.items() if choice.is_available)][:1]
+
+    def start_preload(self, keys: list[str] | None = None) -> threading.Thread:
+        """Load the page's default engines in a background thread (started by main()/create()), so a
+        first visitor's Run finds them ready; the page shows progress through its timer."""
+        keys = self.default_keys() if keys is None else keys
+        self._preload.update(state="loading", note=f"loading {', '.join(keys)} in the background…")
+        thread = threading.Thread(target=self._run_preload, args=(keys,), name="preload", daemon=True)
+        thread.start()
+        return thread
+
+    def _run_preload(self, keys: list[str]) -> None:
+        try:
+            self._plan(keys)
+            for key in keys:
+                self.pool.load(key, progress=lambda message, key=key: self._preload.update(note=f"{key}: {message}"))
+        except Exception as error:  # the first Run loads (and shows the same failure in its pane)
+            self._preload.update(state="failed", note=f"background load failed: {describe_error(error)}")
+            return
+        ready_s = time.perf_counter() - self._started_at
+        self._preload.update(state="ready", ready_s=ready_s, note=f"ready {ready_s:.1f} s after start")
+        print(f"playground: {', '.join(keys)} on {self.pool.model_name} ready {ready_s:.1f} s after start",
+              file=sys.stderr, flush=True)
+
+    def preload_progress(self) -> dict:
+        """The timer's tick: the loaded engines and the background load's progress; the timer stops when done."""
+        page, state = self.page, self._preload
+        line = text.loaded_summary(self.pool.loaded_keys())
+        if state["state"] != "idle":
+            line += f" · {state['note']}"
+        is_done = state["state"] != "loading"
+        return {page.loaded: line, page.preload_timer: gr.Timer(active=not is_done)}
 
     # Engine picker -----------------------------------------------------------------------------
     def select(self, keys):

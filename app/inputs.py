@@ -102,3 +102,26 @@ def text_of(value, name: str, max_chars: int) -> str:
     if len(value) > max_chars:
         raise EngineError(f"{name} is {len(value):,} characters; the limit is {max_chars:,}")
     return value
+
+
+def model_name(value, choices: Iterable[str]) -> str:
+    """The model switcher's value: one of the models this page offers (never a path or hub id the list
+    does not hold)."""
+    return one_of(value, "model", choices)
+
+
+def chat_histories(value) -> dict:
+    """The per-session chat state: {model: {pane key: [{"role", "content"}, ...]}}; None is empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EngineError(f"chat history must be a mapping, got {shown(value)}")
+    for model, panes in value.items():
+        if not isinstance(model, str) or not isinstance(panes, dict):
+            raise EngineError(f"chat history: bad entry for {shown(model)}")
+        for key, turns in panes.items():
+            if not isinstance(turns, list) or not all(
+                    isinstance(turn, dict) and set(turn) == {"role", "content"} and turn["role"] in
+                    ("user", "assistant") and isinstance(turn["content"], str) for turn in turns):
+                raise EngineError(f"chat history of {shown(key)} must be a list of user/assistant messages")
+    return value

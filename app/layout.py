@@ -18,8 +18,9 @@ from pathlib import Path
 import gradio as gr
 
 from app import bench_tab, charts, kv_tab, load_tab, survey_tab, text
-from app.callbacks import SEED_LIMIT, TEMPERATURE_MAX, Playground
+from app.callbacks import PROMPT_KINDS, SEED_LIMIT, SYSTEM_MAX_CHARS, TEMPERATURE_MAX, Playground, default_prompt_kind
 from app.hosting import on_zero_gpu
+from app.session import model_choices
 from app.streaming import MODES, PARALLEL
 from engines.protocol import MAX_NEW_TOKENS_LIMIT
 
@@ -44,12 +45,17 @@ class PlaygroundPage:
     summary: gr.Dataframe
     export_files: gr.File
     export_note: gr.Markdown
+    histories: gr.State    # this browser session's chat turns: {model: {pane key: messages}}
+    model_info: gr.Markdown
+    prompt_kind: gr.Radio
+    plan: gr.Markdown      # the memory plan of the engines about to load
+    preload_timer: gr.Timer
 
     @property
     def run_outputs(self) -> list:
         """What run, load and after_stop may update."""
         return [self.status, self.record, self.loaded, *self.titles, *self.texts, *self.metrics,
-                *self.charts.values(), self.summary]
+                *self.charts.values(), self.summary, self.histories, self.plan]
 
     @property
     def select_outputs(self) -> list:
@@ -91,7 +97,9 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
     config, pool = playground.config, playground.pool
     available = [choice for choice in pool.choices.values() if choice.is_available]
     with gr.Row(elem_id="model-row"):
-        gr.Markdown(text.model_summary(pool.model), elem_id="model-in-use")
+        model_picker = gr.Dropdown(model_choices(config.model or pool.model), value=pool.model_name, label="Model",
+                                   scale=0, min_width=240, elem_id="model-picker")
+        model_info = gr.Markdown(text.model_summary(pool.model), elem_id="model-in-use")
         loaded = gr.Markdown(text.loaded_summary(pool.loaded_keys()), elem_id="loaded-engines")
         load_button = gr.Button("Load chosen engines", size="sm", scale=0, elem_id="load")
         unload_button = gr.Button("Unload all", size="sm", scale=0, elem_id="unload")
@@ -100,6 +108,12 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Type a prompt, or pick a sample below",
                                 elem_id="prompt")
             gr.Examples([[p] for p in sample_prompts()], inputs=[prompt], label="Sample prompts")
+            with gr.Row():
+                prompt_kind = gr.Radio(list(PROMPT_KINDS), value=default_prompt_kind(pool.model_name), label="Prompt",
+                                       info=text.PROMPT_KIND_HELP, min_width=200, elem_id="prompt-kind")
+                system = gr.Textbox(label="System (chat mode)", lines=1, max_length=SYSTEM_MAX_CHARS,
+                                    placeholder="optional system message", elem_id="system")
+                clear_button = gr.Button("Clear chat", size="sm", scale=0, min_width=110, elem_id="clear-chat")
             with gr.Row():
                 max_new_tokens = gr.Number(64, label="Max new tokens", precision=0, minimum=1,
                                            maximum=MAX_NEW_TOKENS_LIMIT, min_width=120, elem_id="max-new-tokens")
@@ -121,6 +135,8 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
         run_button = gr.Button("Run", variant="primary", scale=0, min_width=140, elem_id="run")
         stop_button = gr.Button("Stop", variant="stop", scale=0, min_width=140, elem_id="stop")
         status = gr.Markdown("", elem_id="run-status")
+    with gr.Accordion("Memory plan (before loading)", open=False, elem_id="memory-plan-box"):
+        plan = gr.Markdown("", elem_id="memory-plan")
     columns, titles, texts, metrics = [], [], [], []
     for row_start in range(0, config.max_panes, PANES_PER_ROW):
         with gr.Row(equal_height=True, elem_classes="pane-row"):
@@ -145,7 +161,8 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                            elem_id="export-files")
     page = PlaygroundPage(status=status, record=gr.State(None), loaded=loaded, columns=columns, titles=titles,
                           texts=texts, metrics=metrics, charts=plots, summary=summary, export_files=export_files,
-                          export_note=export_note)
+                          export_note=export_note, histories=gr.State({}), model_info=model_info,
+                          prompt_kind=prompt_kind, plan=plan, preload_timer=gr.Timer(1.0))
     playground.attach(page)
 
     # Unchecked inputs on every event (see the module docstring); engine events share one queue slot.
@@ -156,7 +173,8 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
     load_event = load_button.click(on_zero_gpu(playground.load), [picker], page.run_outputs, api_name="load",
                                    **engine_event)
     run_event = run_button.click(on_zero_gpu(playground.run),
-                                 [prompt, max_new_tokens, temperature, seed, mode, picker], page.run_outputs,
+                                 [prompt, max_new_tokens, temperature, seed, mode, picker, prompt_kind, system,
+                                  page.histories], page.run_outputs,
                                  api_name="run", **engine_event)
     run_event.then(on_zero_gpu(playground.quality), [page.record, compute_quality],
                    [page.record, page.summary, page.status], show_progress="hidden", api_name="quality",
@@ -167,5 +185,12 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
               **unchecked)
     unload_button.click(playground.unload, None, [page.status, page.loaded], api_name="unload",
                         concurrency_id=ENGINE_QUEUE)
+    clear_button.click(playground.clear_chat, None, [page.histories, page.status, *page.texts], queue=False,
+                       api_name="clear_chat")
+    model_picker.change(playground.switch_model, [model_picker],
+                        [page.status, page.model_info, page.loaded, page.prompt_kind, page.plan],
+                        api_name="switch_model", **engine_event)
+    page.preload_timer.tick(playground.preload_progress, None, [page.loaded, page.preload_timer], queue=False,
+                            api_visibility="private", show_progress="hidden")
     export_button.click(playground.export, [page.record], [export_files, export_note], api_name="export",
                         **unchecked)

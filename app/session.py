@@ -6,12 +6,47 @@ session owns only its stop flag (RunControls), so Stop or a closed tab ends that
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engines.protocol import Engine, EngineError, ProgressCallback
+from engines.models.catalog import allowed_models, catalog_entries, default_model_name, is_hosted
+from engines.protocol import Engine, EngineError, ProgressCallback, say
 from engines.registry import create_engine, list_engines
+
+# What `make play` serves when neither --model nor PLAYGROUND_MODEL names one: the embedded instruct model
+# in chat mode (a first visitor's question gets an answer). The catalogue's own default (the Gemma base)
+# stays what the engines and their tests use when no model is named.
+APP_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def app_default_model(environ=os.environ) -> str:
+    """The model the app starts with: PLAYGROUND_MODEL, else APP_DEFAULT_MODEL where it is allowed (hosted
+    pages take only allow-listed models), else the catalogue's default."""
+    if environ.get("PLAYGROUND_MODEL"):
+        return environ["PLAYGROUND_MODEL"]
+    if not is_hosted() or APP_DEFAULT_MODEL in allowed_models():
+        return APP_DEFAULT_MODEL
+    return default_model_name()
+
+
+def can_download(environ=os.environ) -> bool:
+    """Whether hub models are offered: PLAYGROUND_PREFER_HUB=1, or HF_HUB_OFFLINE explicitly 0 (a machine
+    known to reach the hub). Unset counts as offline: the machines this runs on mostly cannot download."""
+    return environ.get("PLAYGROUND_PREFER_HUB") == "1" or environ.get("HF_HUB_OFFLINE", "").strip() in ("0", "false")
+
+
+def model_choices(current: str | None, environ=os.environ) -> list[str]:
+    """The model switcher's list: hosted, the allow-listed models only; else the catalogue models that can
+    run here (embedded ones always, hub ones when this machine can download), plus `current` (--model)."""
+    if is_hosted():
+        names = list(allowed_models())
+    else:
+        names = [name for name, entry in catalog_entries().items() if entry.is_embedded or can_download(environ)]
+    if current and current not in names:
+        names.append(current)
+    return names
 
 
 @dataclass(frozen=True)
@@ -47,6 +82,7 @@ class EnginePool:
     def __init__(self, model: str | None, choices: list[PaneChoice],
                  engine_factory: Callable[..., Engine] = create_engine):
         self.model = model
+        self.extra_options: dict[str, dict] = {}   # per key, e.g. a vLLM gpu_memory_utilization from the memory plan
         self.choices = {choice.key: choice for choice in choices}
         self._engine_factory = engine_factory
         self._engines: dict[str, Engine] = {}
@@ -55,6 +91,29 @@ class EnginePool:
         # One load at a time: transformers' lazy imports are not safe when two threads import first,
         # and two models materialising at once can need twice the peak memory.
         self._load_lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        return self.model or default_model_name()
+
+    def plan_label(self, key: str) -> str:
+        """The memory planner's label of a pane key: the engine with its options in brackets."""
+        choice = self.choice(key)
+        if not choice.options:
+            return choice.engine
+        return f"{choice.engine}[{','.join(f'{name}={value}' for name, value in choice.options.items())}]"
+
+    def switch_model(self, model: str, progress: ProgressCallback | None = None) -> list[str]:
+        """Unload every engine of the current model (saying which, one by one), then use `model`."""
+        with self._lock:
+            engines, self._engines = self._engines, {}
+            unloaded, self._loaded = sorted(self._loaded), set()
+        for key, engine in engines.items():
+            say(progress, f"unloading {key} ({self.model_name})")
+            engine.unload()
+        self.model = model
+        self.extra_options = {}
+        return unloaded
 
     def choice(self, key: str) -> PaneChoice:
         if key not in self.choices:
@@ -73,7 +132,8 @@ class EnginePool:
             raise EngineError(f"{key} is unavailable here: {choice.reason}")
         with self._lock:
             if key not in self._engines:
-                self._engines[key] = self._engine_factory(choice.engine, model=self.model, **choice.options)
+                options = {**choice.options, **self.extra_options.get(key, {})}
+                self._engines[key] = self._engine_factory(choice.engine, model=self.model, **options)
             return self._engines[key]
 
     def is_loaded(self, key: str) -> bool:

@@ -34,13 +34,14 @@ class PaneResult:
     message: str = ""
     stats: EngineStats | None = None
     quality: dict | None = None
+    prompt: object = None       # this pane's own ChatPrompt in chat mode (its own history); else the record's
 
 
 @dataclass
 class RunRecord:
     """Everything one run produced: what was asked and each pane's text, stats and quality."""
     model: str
-    prompt: str | None
+    prompt: str | None          # the prompt, or in chat mode the user's new message
     params: GenerationParams
     mode: str
     panes: list[PaneResult]
@@ -146,7 +147,9 @@ class StreamMerger:
         put = self._messages.put
         engine = self.pool.engine(key)
         put(("running", key, ""))
-        stream = engine.stream(self.record.prompt, self.record.params)
+        pane = self._panes[key]
+        prompt = pane.prompt if pane.prompt is not None else self.record.prompt
+        stream = engine.stream(prompt, self.record.params, cancel=self.stop_event)
         try:
             for event in stream:
                 put(("text", key, event.text))

@@ -14,6 +14,7 @@ INTRO = ("One prompt, streamed through several engine variants of the same model
          "Each pane shows time to first token (TTFT), decode speed, tokens, memory, KV-cache blocks "
          "and the speculative acceptance rate where the engine has them.")
 MODE_HELP = "parallel: all engines at once · fair: one after another, for clean timings"
+PROMPT_KIND_HELP = "Chat: the model's chat template, multi-turn per pane · Completion: raw text continued"
 TEMPERATURE_HELP = "0 means greedy (deterministic)"
 NOT_MEASURED = "n/a"
 STATUS_TEXT = {"waiting": "waiting", "loading": "loading", "ready": "loaded", "running": "streaming",
@@ -56,8 +57,9 @@ def unavailable_html(choices) -> str:
     return f'<div class="unavailable-list"><span>Unavailable on this machine</span><ul>{"".join(rows)}</ul></div>'
 
 
-def pane_title(label: str, key: str, status: str) -> str:
-    return f"### {label} <span class='pane-key'>`{key}` · {STATUS_TEXT.get(status, status)}</span>"
+def pane_title(label: str, key: str, status: str, model: str | None = None) -> str:
+    on_model = f" · {html.escape(model)}" if model else ""
+    return f"### {label} <span class='pane-key'>`{key}`{on_model} · {STATUS_TEXT.get(status, status)}</span>"
 
 
 def _metric(name: str, caption: str, value: str) -> str:

@@ -139,3 +139,24 @@ def test_stop_ends_a_long_run_in_every_pane(page, artifacts_dir):
         assert "stopped" in page.inner_text(f"#pane-{pane}-title")
         assert 0 < int(metric(page, pane, "num_tokens")) < 400
     page.screenshot(path=os.path.join(artifacts_dir, "ui_playground_stopped.png"), full_page=True)
+
+
+def test_the_model_switcher_changes_model(page):
+    """Pick the other embedded model in the dropdown: the page says it switched, the model line and the
+    prompt kind follow (Gemma base: Completion), and the panes name the model they run."""
+    page.click("#model-picker input")
+    page.locator("[role=option]", has_text="gemma-3-270m").first.click()
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('Switched to')",
+                           timeout=RUN_TIMEOUT_MS)
+    assert "gemma-3-270m" in page.inner_text("#model-in-use")
+    assert page.locator("#prompt-kind input[value=Completion]").is_checked()
+    pick_engines(page, ["bf16", second_engine()])   # a new pick retitles the panes
+    page.wait_for_function("document.querySelector('#pane-1-title').innerText.includes('gemma-3-270m')",
+                           timeout=30_000)
+    assert "gemma-3-270m" in page.inner_text("#pane-0-title")
+    # Back to the app's default, so the other tests of this module keep their model.
+    page.click("#model-picker input")
+    page.locator("[role=option]", has_text="smollm2-135m-instruct").first.click()
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('smollm2-135m-instruct')"
+                           " && document.querySelector('#run-status').innerText.includes('Switched to')",
+                           timeout=RUN_TIMEOUT_MS)

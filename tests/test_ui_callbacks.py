@@ -308,3 +308,86 @@ def test_the_app_does_not_slow_down_the_engine_it_measures(bf16_engine):
     print(result)
     assert min(result["app_tok_s"]) > 0 and min(result["standalone_tok_s"]) > 0
     assert result["ratio"] >= 0.75, result
+
+
+# Chat mode, the model switcher and the memory plan -------------------------------------------------------
+CHAT_MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def chat_playground():
+    """bf16 and bf16-eager on SmolLM2-135M-Instruct (its own pool: the session engines are on Gemma)."""
+    from tests.conftest import loaded_engine
+    with loaded_engine("bf16", model=CHAT_MODEL) as engine:
+        pool = EnginePool(CHAT_MODEL, build_choices())
+        pool.adopt("bf16", engine)
+        yield built(Playground(AppConfig(refresh_hz=2.0, chart_interval_s=5.0), pool))
+
+
+def chat_turn(playground, keys, message, histories, max_new_tokens=8, system=""):
+    outputs = list(playground.run(message, max_new_tokens, 0.0, 0, "parallel", keys, "Chat", system, histories))
+    return outputs[-1]
+
+
+def test_chat_on_smollm2_answers_the_question_and_each_pane_keeps_its_own_history(chat_playground):
+    page = chat_playground.page
+    final = chat_turn(chat_playground, ["bf16"], QUESTION, {})
+    pane = record_of(chat_playground, final).panes[0]
+    assert pane.status == "done" and "Paris" in pane.text, pane.text
+    assert CHAT_MODEL in final[page.titles[0]]           # the pane says which model it ran
+    histories = final[page.histories]
+    assert histories[CHAT_MODEL]["bf16"] == [{"role": "user", "content": QUESTION},
+                                             {"role": "assistant", "content": pane.text}]
+    # Turn two: a second pane joins with no history of its own; bf16's prompt carries its own first turn.
+    # (bf16-eager is loaded by the run; 3 tokens keep it short.)
+    second = chat_turn(chat_playground, ["bf16", "bf16-eager"], "And of Italy?", histories, max_new_tokens=3)
+    bf16_pane, eager_pane = record_of(chat_playground, second).panes
+    assert bf16_pane.status == eager_pane.status == "done"
+    assert [m["content"] for m in bf16_pane.prompt.messages] == [QUESTION, pane.text, "And of Italy?"]
+    assert [m["content"] for m in eager_pane.prompt.messages] == ["And of Italy?"]
+    after = second[page.histories][CHAT_MODEL]
+    assert len(after["bf16"]) == 4 and len(after["bf16-eager"]) == 2
+    assert after["bf16"][3]["content"] == bf16_pane.text and after["bf16-eager"][1]["content"] == eager_pane.text
+    cleared = chat_playground.clear_chat()
+    assert cleared[page.histories] == {} and all(cleared[body] == "" for body in page.texts)
+
+
+def test_a_model_without_a_chat_template_in_chat_mode_gets_a_message(playground, bf16_engine):
+    tokens_before = list(bf16_engine.last_token_ids)
+    outputs = list(playground.run(QUESTION, 4, 0.0, 0, "parallel", ["bf16"], "Chat", "", {}))
+    assert len(outputs) == 1 and list(outputs[0]) == [playground.page.status]
+    assert "chat template" in status_of(playground, outputs[0]), outputs[0]
+    assert bf16_engine.last_token_ids == tokens_before   # no silent fallback to completion
+
+
+def test_the_memory_plan_refuses_a_set_that_cannot_fit_before_loading():
+    from engines.measure.memory_plan import plan
+    created = []
+    pool = EnginePool(None, build_choices(), engine_factory=lambda *args, **kwargs: created.append(args))
+    # A simulated device: 4 GiB with 1.5 GiB free, 1 GiB of it kept as headroom.
+    playground = built(Playground(AppConfig(), pool,
+                                  planner=lambda labels, model: plan(labels, model, 4.0, 1.5, device="cpu")))
+    outputs = list(playground.run(PROMPT, 4, 0.0, 0, "parallel", ["bf16", "bf16-eager"]))
+    page = playground.page
+    assert len(outputs) == 1 and "not loading" in outputs[0][page.status] and "GiB" in outputs[0][page.status]
+    assert "Does not fit" in outputs[0][page.plan] and "bf16" in outputs[0][page.plan]
+    assert created == [] and pool.loaded_keys() == []      # nothing was created, let alone loaded
+
+
+def test_the_model_switcher_checks_the_name_and_unloads_the_old_model():
+    unloaded = []
+
+    class Stub:
+        def unload(self):
+            unloaded.append(True)
+    pool = EnginePool(None, build_choices())
+    pool.adopt("bf16", Stub())
+    playground = built(Playground(AppConfig(), pool))
+    page = playground.page
+    bad = list(playground.switch_model("../etc"))
+    assert len(bad) == 1 and "model must be one of" in bad[0][page.status]
+    steps = list(playground.switch_model(CHAT_MODEL))
+    assert "unloading" in steps[0][page.status] and unloaded == [True]
+    assert pool.model == CHAT_MODEL and pool.loaded_keys() == [] and steps[-1][page.prompt_kind] == "Chat"
+    assert CHAT_MODEL in steps[-1][page.model_info]

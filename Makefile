@@ -5,4 +5,4 @@ install:
 play: install
 	.venv/bin/python -m app
 test: install
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30

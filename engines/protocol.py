@@ -10,8 +10,8 @@ Also here, because every engine and the UI share them: the input limits and `val
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, runtime_checkable
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.models.catalog import ASSETS
+import tomllib
+
 from engines.hardware import FP8_KV_ON_CPU, INT4_ON_CPU, CpuRequirement, has_gpu
+from engines.models.catalog import ASSETS
 from engines.protocol import EngineError, EngineUnavailable
-
-
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,8 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
     EngineSpec("remote", "Remote (OpenAI API)", "any OpenAI-compatible server, with its /metrics scraped",
                "engines.variants.remote.engine:RemoteEngine", ("httpx", "openai", "prometheus_client"),
                random_weights="none", is_in_process=False),
-    EngineSpec("vllm-int4", "vLLM INT4 (Marlin)", "vLLM serving the 4-bit GPTQ (or AWQ) checkpoint; Marlin kernels on a GPU",
+    EngineSpec("vllm-int4", "vLLM INT4 (Marlin)",
+               "vLLM serving the 4-bit GPTQ (or AWQ) checkpoint; Marlin kernels on a GPU",
                "engines.variants.vllm.int4:VllmInt4Engine", ("vllm",), defaults={"method": "gptq"},
                needs_on_cpu=INT4_ON_CPU, random_weights="load_format", is_zerogpu_compatible=False,
                is_in_process=False),

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from engines.measure.bench import BenchConfig, build_prompt, run_bench
+from engines.measure.roofline import decode_roofline, measure_bandwidth
 from engines.models.sources import load_shape
 from engines.protocol import EngineError
 from engines.registry import create_engine, list_engines, split_variant
-from engines.measure.roofline import decode_roofline, measure_bandwidth
 
 MAX_NEW_TOKENS = 8
 AVAILABLE = {row["name"] for row in list_engines() if row["is_available"]}
@@ -132,6 +132,7 @@ def test_bench_tab_explains_bad_input_without_a_traceback(tmp_path):
 def test_bench_tab_runs_in_a_real_browser(tmp_path):
     import gradio as gr
     from playwright.sync_api import sync_playwright
+
     from app import bench_tab
     from app.callbacks import AppConfig
     with gr.Blocks() as demo:

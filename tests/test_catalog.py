@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from engines.models.catalog import (HUB_ID_PATTERN, CatalogEntry, catalog_entries, catalog_entry, default_model_name,
-                                    int4_checkpoint, load_catalog, model_config)
+from engines.models.catalog import (
+    HUB_ID_PATTERN,
+    CatalogEntry,
+    catalog_entries,
+    catalog_entry,
+    default_model_name,
+    int4_checkpoint,
+    load_catalog,
+    model_config,
+)
 from engines.models.shape import available_configs, read_config, shape_from_config
 from engines.models.sources import resolve_model
 from engines.protocol import EngineError

@@ -104,6 +104,7 @@ def test_calculate_rejects_memory_and_context_it_cannot_price():
 
 def test_kv_tab_reports_and_charts_and_explains_bad_input():
     import gradio as gr
+
     from app import kv_tab
     report, chart = kv_tab.calculate_kv("llama-2-7b", 80, 4096)
     assert "| MHA | 32 | BF16 | 512.0 KiB |" in report
@@ -119,6 +120,7 @@ def test_kv_tab_reports_and_charts_and_explains_bad_input():
 def test_kv_tab_in_a_real_browser():
     import gradio as gr
     from playwright.sync_api import sync_playwright
+
     from app import kv_tab
     with gr.Blocks() as demo:
         kv_tab.build()

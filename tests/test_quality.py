@@ -10,10 +10,19 @@ import sys
 
 import pytest
 
+from engines.measure.quality import (
+    MAX_PERPLEXITY,
+    QualityReference,
+    build_reference,
+    evaluate_quality,
+    judge,
+    perplexity_text,
+    quality_prompts,
+    reference_path,
+    token_agreement,
+)
 from engines.models.catalog import default_model_name
 from engines.protocol import EngineError
-from engines.measure.quality import (MAX_PERPLEXITY, QualityReference, build_reference, evaluate_quality, judge,
-                             perplexity_text, quality_prompts, reference_path, token_agreement)
 from engines.registry import create_engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

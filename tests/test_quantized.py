@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from engines.variants.transformers.gptq import BACKENDS, MANIFEST, cache_problem
-from engines.protocol import EngineError
 from engines.measure.quality import perplexity_text
+from engines.protocol import EngineError
 from engines.registry import create_engine
+from engines.variants.transformers.gptq import BACKENDS, MANIFEST, cache_problem
 from tests.conftest import loaded_engine, run_stream
 
 STORY = "Once upon a time, in a small village by the sea,"

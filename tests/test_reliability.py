@@ -21,10 +21,10 @@ import torch
 from app.callbacks import AppConfig, Playground
 from app.layout import build_app
 from app.session import EnginePool, PaneChoice, build_choices
-from engines.variants.transformers.engine import TransformersEngine
 from engines.protocol import MAX_PROMPT_CHARS, GenerationParams
 from engines.registry import create_engine
 from engines.telemetry import release_freed_memory
+from engines.variants.transformers.engine import TransformersEngine
 from tests.conftest import run_stream
 
 PROMPT = "The capital of France is"

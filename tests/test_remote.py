@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from engines.models.sources import resolve_model
-from engines.variants.remote.prometheus import MetricsDelta, parse_metrics
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine, list_engines
+from engines.variants.remote.prometheus import MetricsDelta, parse_metrics
 from tests.conftest import free_loopback_port, run_stream
 
 SERVED_NAME = "gemma-3-270m"
@@ -175,7 +175,8 @@ def test_unknown_model_names_what_the_server_serves(vllm_server):
      {"kv_used_frac": 0.5}),
     ('sglang:token_usage{model_name="m"} 0.25\nsglang:spec_accept_length{model_name="m"} 2.5\n',
      {"kv_used_frac": 0.25, "mean_accepted_len": 2.5}),
-    ('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.2\nvllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.4\n'
+    ('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.2\n'
+     'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.4\n'
      'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 14\n'
      'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 40\n'
      'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 30\n'

@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from engines.cli.load import measure_level, parse_levels
-from engines.protocol import EngineError, EngineUnavailable, GenerationParams
-from engines.measure.quality import perplexity_text
 from engines.hardware import cpu_flags
+from engines.measure.quality import perplexity_text
+from engines.protocol import EngineError, EngineUnavailable, GenerationParams
 from engines.registry import SPECS, create_engine, unavailable_reason
 from engines.telemetry import process_tree_pids
 from tests.conftest import VLLM_TEST_OPTIONS, run_stream
@@ -165,7 +165,8 @@ def test_speculative_greedy_output_is_identical_to_vllm(vllm_engine, vllm_spec_e
     spec_text, spec_events, spec_stats = run_stream(vllm_spec_engine, prompt, max_new_tokens=48)
     text, _, _ = run_stream(vllm_engine, prompt, max_new_tokens=48)
     assert vllm_spec_engine.last_token_ids == vllm_engine.last_token_ids and spec_text == text
-    assert sum(event.num_tokens for event in spec_events) == spec_stats.num_tokens == len(vllm_spec_engine.last_token_ids)
+    assert sum(event.num_tokens for event in spec_events) == spec_stats.num_tokens \
+        == len(vllm_spec_engine.last_token_ids)
     assert spec_stats.num_drafts is not None and spec_stats.num_draft_tokens >= spec_stats.num_accepted_tokens
 
 

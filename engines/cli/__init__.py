@@ -27,6 +27,7 @@ COMMANDS = {
     "load": ("engines.cli.load", "N simultaneous requests against one engine: aggregate tok/s, TTFT, peak KV"),
     "kv": ("engines.cli.kv", "KV-cache size per token and per context, and how many tokens fit in memory"),
     "survey": ("engines.cli.survey", "the survey's tables and conclusions for one model, beside its quoted figures"),
+    "plan": ("engines.cli.plan", "device memory per engine, vLLM shares and whether a set fits, before loading"),
 }
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from engines.variants.transformers.attention import ATTENTION_IMPLEMENTATIONS
 from engines.protocol import EngineError, GenerationParams
 from engines.registry import parse_option_value
+from engines.variants.transformers.attention import ATTENTION_IMPLEMENTATIONS
 
 
 def add_model_arguments(parser) -> None:

@@ -4,8 +4,15 @@ from __future__ import annotations
 import json
 import sys
 
-from engines.cli.common import (add_chat_arguments, add_generation_arguments, add_model_arguments, as_prompt,
-                                engine_options, generation_params, progress_to_stderr)
+from engines.cli.common import (
+    add_chat_arguments,
+    add_generation_arguments,
+    add_model_arguments,
+    as_prompt,
+    engine_options,
+    generation_params,
+    progress_to_stderr,
+)
 from engines.protocol import EngineError, validate_prompt
 from engines.registry import create_engine
 

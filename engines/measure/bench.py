@@ -16,15 +16,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from engines.measure.bench_quality import QualityColumns
-from engines.models.dummy import is_token_id_in_vocab, materialize_weights
-from engines.models.sources import load_shape
-from engines.models.catalog import DUMMY_PREFIX, trust_remote_code
-from engines.models.sources import resolve_model
-from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
 from engines.hardware import has_gpu
-from engines.registry import create_engine, get_spec, split_variant, unavailable_reason
+from engines.measure.bench_quality import QualityColumns
 from engines.measure.roofline import decode_roofline, measure_bandwidth
+from engines.models.catalog import DUMMY_PREFIX, trust_remote_code
+from engines.models.dummy import is_token_id_in_vocab, materialize_weights
+from engines.models.sources import load_shape, resolve_model
+from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
+from engines.registry import create_engine, get_spec, split_variant, unavailable_reason
 from engines.telemetry import GB
 
 FILLER = ("The history of the city begins with a small group of people who came to live by the river. They "
@@ -172,7 +171,8 @@ def _bench_engine(label, config, source, short_prompt, long_prompt, shape, bandw
         row.load_s = time.perf_counter() - started
         _generate(engine, short_prompt, config.warmup_tokens, device)
         encode = _generate(engine, long_prompt, 1, device)
-        row.prefill_tokens, row.prefill_s, row.encode_peak_gb = encode.num_prompt_tokens, encode.ttft_s, encode.peak_memory_gb
+        row.prefill_tokens, row.prefill_s = encode.num_prompt_tokens, encode.ttft_s
+        row.encode_peak_gb = encode.peak_memory_gb
         runs = [_generate(engine, short_prompt, config.max_new_tokens, device) for _ in range(config.num_repeats)]
         row.ttft_s = statistics.median(run.ttft_s for run in runs)
         row.decode_tok_s = statistics.median(run.decode_tok_s or 0.0 for run in runs)

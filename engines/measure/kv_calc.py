@@ -59,7 +59,8 @@ def kv_bytes(shape: ModelShape, context_tokens: int, dtype_bytes: float, num_kv_
     return per_layer_token * (shape.num_full_layers * context_tokens + shape.num_sliding_layers * sliding_tokens)
 
 
-def max_tokens(shape: ModelShape, budget_bytes: float, dtype_bytes: float, num_kv_heads: int | None = None) -> int | None:
+def max_tokens(shape: ModelShape, budget_bytes: float, dtype_bytes: float,
+               num_kv_heads: int | None = None) -> int | None:
     """Longest single-sequence context whose KV fits in `budget_bytes`; None when it never runs out."""
     if budget_bytes <= 0:
         return 0

@@ -111,7 +111,8 @@ def build_reference(bf16_engine, num_tokens: int = 32, use_cache: bool = True) -
     return reference
 
 
-def reference_for(model: str | None, num_tokens: int = 32, progress: ProgressCallback | None = None) -> QualityReference:
+def reference_for(model: str | None, num_tokens: int = 32,
+                  progress: ProgressCallback | None = None) -> QualityReference:
     """The cached reference for `model`, or one built by loading bf16 for it (then unloading it)."""
     from engines.registry import create_engine
     bf16_engine = create_engine("bf16", model=model)

@@ -31,18 +31,21 @@ def to_markdown(result: BenchResult) -> str:
     header = (f"Model **{result.model}** on {result.machine.get('gpu') or result.device} "
               f"({result.machine.get('date')}); {config.max_new_tokens} new tokens, median of {config.num_repeats} "
               f"after a warm-up; encode peak at {config.prompt_tokens} prompt tokens. Memory bandwidth "
-              f"{_number(bandwidth.get('bandwidth_gb_s'), 1)} GB/s (10^9 bytes; {bandwidth.get('method', 'not measured')}); "
+              f"{_number(bandwidth.get('bandwidth_gb_s'), 1)} GB/s "
+              f"(10^9 bytes; {bandwidth.get('method', 'not measured')}); "
               "memory in GiB (2^30 bytes).")
     lines = [header, "",
              "| engine | status | load s | TTFT s | decode tok/s | tokens | prefill s (P) | encode peak GiB "
-             "| generate peak GiB | roofline tok/s | % of roofline | greedy agreement | perplexity | ppl ratio | note |",
+             "| generate peak GiB | roofline tok/s | % of roofline | greedy agreement | perplexity | ppl ratio "
+             "| note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result.rows:
         if row.status != "ok":
             lines.append(f"| {row.engine} | {row.status}: {row.reason.replace('|', '/')} |" + " |" * 13)
             continue
         lines.append(
-            f"| {row.engine} | ok | {_number(row.load_s, 1)} | {_number(row.ttft_s, 3)} | {_number(row.decode_tok_s, 1)} "
+            f"| {row.engine} | ok | {_number(row.load_s, 1)} | {_number(row.ttft_s, 3)} "
+            f"| {_number(row.decode_tok_s, 1)} "
             f"| {row.num_tokens} | {_number(row.prefill_s, 3)} ({row.prefill_tokens}) | {_number(row.encode_peak_gb)} "
             f"| {_number(row.generate_peak_gb)} | {_number(row.roofline_tok_s, 1)} "
             f"| {_number(row.roofline_frac, 1, 100, '%')} | {_number(row.greedy_agreement, 3)} "
@@ -76,7 +79,8 @@ def write_outputs(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
     # plotly.js from its CDN keeps the page small enough to commit; the PNGs need no network.
     divs = "\n".join(figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures.values())
     html_path.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{result.model} bench</title>'
-                         f'<script src="{PLOTLY_CDN.format(version=get_plotlyjs_version())}"></script></head><body>\n{divs}\n</body></html>\n')
+                         f'<script src="{PLOTLY_CDN.format(version=get_plotlyjs_version())}"></script></head>'
+                         f'<body>\n{divs}\n</body></html>\n')
     paths["html"] = html_path
     png_paths = [out / f"{name}.png" for name in figures]
     problem = write_png_images(list(figures.values()), png_paths, width=900, height=450)
@@ -122,7 +126,8 @@ def build_figures(result: BenchResult) -> dict:
     speed.update_layout(title=f"Decode speed at {result.config.max_new_tokens} tokens", yaxis_title="tokens/s")
     memory = go.Figure([
         go.Bar(name=f"encode {result.config.prompt_tokens} tokens", x=names, y=[row.encode_peak_gb for row in rows]),
-        go.Bar(name=f"generate {result.config.max_new_tokens} tokens", x=names, y=[row.generate_peak_gb for row in rows])])
+        go.Bar(name=f"generate {result.config.max_new_tokens} tokens", x=names,
+               y=[row.generate_peak_gb for row in rows])])
     memory.update_layout(title="Peak memory", yaxis_title="GiB", barmode="group")
     roofline = go.Figure(go.Bar(x=names, y=[100 * (row.roofline_frac or 0) for row in rows]))
     roofline.update_layout(title="Decode speed as % of each engine's own roofline", yaxis_title="%")

@@ -24,6 +24,7 @@ from engines.models.shape import ModelShape
 from engines.protocol import Precision
 from engines.telemetry import DTYPE_BYTES  # noqa: F401  (re-exported for the variants' own roofline bytes)
 
+
 @dataclass
 class Bandwidth:
     bandwidth_gb_s: float       # 1e9 bytes per second, read + write

@@ -22,8 +22,17 @@ import os
 import shutil
 from pathlib import Path
 
-from engines.models.catalog import (DUMMY_PREFIX, HUB_ID_PATTERN, CatalogEntry, ModelSource, cache_dir,
-                                    catalog_entries, catalog_entry, check_model_allowed, default_model_name)
+from engines.models.catalog import (
+    DUMMY_PREFIX,
+    HUB_ID_PATTERN,
+    CatalogEntry,
+    ModelSource,
+    cache_dir,
+    catalog_entries,
+    catalog_entry,
+    check_model_allowed,
+    default_model_name,
+)
 from engines.models.dummy import DUMMY_TOKENIZER_MODEL, provision_dummy
 from engines.models.shape import ModelShape, available_configs, read_config, shape_from_config
 from engines.protocol import EngineError, ProgressCallback, describe_error, say

@@ -13,6 +13,7 @@
     python3 scripts/gpu/app_server.py --engine-options JSON -- --port 7861 --max-panes 12
 Everything after `--` goes to `python -m app` as it is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,13 @@ STAMPS_LOCK = threading.Lock()
 
 def with_options(build_choices, extra: dict):
     def build():
-        return [dataclasses.replace(choice, options={**choice.options, **extra[choice.key]})
-                if choice.key in extra else choice for choice in build_choices()]
+        return [
+            dataclasses.replace(choice, options={**choice.options, **extra[choice.key]})
+            if choice.key in extra
+            else choice
+            for choice in build_choices()
+        ]
+
     return build
 
 
@@ -53,6 +59,7 @@ def stamped(key: str, engine):
             with STAMPS_LOCK:
                 STAMPS.append([key, stamp, chars, event.num_tokens])
             yield event
+
     engine.stream = stream
     engine._stamped = True
     return engine
@@ -63,12 +70,14 @@ def install(extra_options: dict) -> None:
 
     import app.layout as layout
     import app.session as session
+
     session.build_choices = with_options(session.build_choices, extra_options)
     original_engine = session.EnginePool.engine
 
     def engine(self, key):
         found = original_engine(self, key)
         return found if getattr(found, "_stamped", False) else stamped(key, found)
+
     session.EnginePool.engine = engine
 
     original_build = layout.build_app
@@ -79,6 +88,7 @@ def install(extra_options: dict) -> None:
 
         def standalone_decode(key: str, prompt: str, max_new_tokens: int) -> str:
             from engines.protocol import GenerationParams
+
             found = pool.engine(key)
             # The class's own stream(), not the stamping wrapper: the engine as a script would call it.
             for _ in type(found).stream(found, prompt, GenerationParams(max_new_tokens=int(max_new_tokens))):
@@ -99,18 +109,20 @@ def install(extra_options: dict) -> None:
             gr.api(token_stamps, api_name="token_stamps", queue=False)
             gr.api(unload_engine, api_name="unload_engine", concurrency_id=layout.ENGINE_QUEUE)
         return demo
+
     layout.build_app = build_app
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    app_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    app_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine-options", default="{}", help="JSON: pane key -> engine options")
     args = parser.parse_args(own)
     install(json.loads(args.engine_options))
     from app.__main__ import main as app_main
+
     return app_main(app_args)
 
 

@@ -5,6 +5,7 @@ where a decode step's time goes. Prints a markdown table and writes bf16.json un
 Run on a CUDA machine with the GPU bundle installed:
     python3 scripts/gpu/bf16.py --out $OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engines.variants.transformers.attention import sdpa_backend_context  # noqa: E402
 from engines.protocol import GenerationParams  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
+from engines.variants.transformers.attention import sdpa_backend_context  # noqa: E402
 
 PROMPT = "Write a short essay about the history of the printing press."
 
@@ -28,20 +29,32 @@ PROMPT = "Write a short essay about the history of the printing press."
 def timed_stream(engine, max_new_tokens: int) -> dict:
     text = "".join(event.text for event in engine.stream(PROMPT, GenerationParams(max_new_tokens=max_new_tokens)))
     stats = engine.stats()
-    return {"decode_tok_s": stats.decode_tok_s, "ttft_s": stats.ttft_s, "num_tokens": stats.num_tokens,
-            "text": text, "peak_vram_gb": stats.peak_memory_gb, "memory_kind": stats.memory_kind,
-            "torch_peak_gb": stats.torch_peak_gb}
+    return {
+        "decode_tok_s": stats.decode_tok_s,
+        "ttft_s": stats.ttft_s,
+        "num_tokens": stats.num_tokens,
+        "text": text,
+        "peak_vram_gb": stats.peak_memory_gb,
+        "memory_kind": stats.memory_kind,
+        "torch_peak_gb": stats.torch_peak_gb,
+    }
 
 
 def timed_bare_generate(engine, max_new_tokens: int) -> float:
     """tok/s of model.generate without a streamer: the library's own ceiling on this path."""
     import torch
+
     input_ids, attention_mask = engine.encode(PROMPT)
     torch.cuda.synchronize()
     started = time.perf_counter()
     with torch.inference_mode(), sdpa_backend_context(engine.options.get("sdpa_backend", "auto")):
-        output = engine.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        output = engine.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+        )
     torch.cuda.synchronize()
     return (output.shape[1] - input_ids.shape[1]) / (time.perf_counter() - started)
 
@@ -50,21 +63,32 @@ def profile_decode(engine, num_tokens: int = 32) -> dict:
     """Top ops by self CPU and CUDA time over a short generation, and kernel launches per token."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
     input_ids, attention_mask = engine.encode(PROMPT)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode(), \
-            sdpa_backend_context(engine.options.get("sdpa_backend", "auto")):
-        engine.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                              max_new_tokens=num_tokens, min_new_tokens=num_tokens)
+    with (
+        profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+        torch.inference_mode(),
+        sdpa_backend_context(engine.options.get("sdpa_backend", "auto")),
+    ):
+        engine.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+        )
         torch.cuda.synchronize()
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     cpu_total_us = sum(e.self_cpu_time_total for e in events)
     cuda_total_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
     top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    return {"kernel_launches_per_token": launches / num_tokens,
-            "self_cpu_ms_per_token": cpu_total_us / 1000 / num_tokens,
-            "self_cuda_ms_per_token": cuda_total_us / 1000 / num_tokens,
-            "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total / 1000, 2)) for e in top_cpu]}
+    return {
+        "kernel_launches_per_token": launches / num_tokens,
+        "self_cpu_ms_per_token": cpu_total_us / 1000 / num_tokens,
+        "self_cuda_ms_per_token": cuda_total_us / 1000 / num_tokens,
+        "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total / 1000, 2)) for e in top_cpu],
+    }
 
 
 def main() -> int:
@@ -75,9 +99,15 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch
+
     rows = []
-    variants = [("bf16", "eager", "auto"), ("bf16", "sdpa", "auto"), ("bf16", "sdpa", "efficient"),
-                ("bf16", "sdpa", "flash"), ("bf16-compiled", "sdpa", "auto")]
+    variants = [
+        ("bf16", "eager", "auto"),
+        ("bf16", "sdpa", "auto"),
+        ("bf16", "sdpa", "efficient"),
+        ("bf16", "sdpa", "flash"),
+        ("bf16-compiled", "sdpa", "auto"),
+    ]
     for engine_name, attn, sdpa_backend in variants:
         row = {"engine": engine_name, "attn": attn if attn == "eager" else f"sdpa/{sdpa_backend}"}
         try:
@@ -104,18 +134,27 @@ def main() -> int:
             row["error"] = f"{type(error).__name__}: {error}"
         rows.append(row)
         print(json.dumps(row, indent=1, default=str), flush=True)
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.max_new_tokens} greedy tokens, "
-          f"median of {args.repeats}\n")
-    print("| engine | attn | stream decode tok/s | bare generate tok/s | TTFT s | peak VRAM GB | launches/token | CPU ms/token | CUDA ms/token |")
+    print(
+        f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.max_new_tokens} greedy tokens, "
+        f"median of {args.repeats}\n"
+    )
+    print(
+        "| engine | attn | stream decode tok/s | bare generate tok/s | TTFT s | peak VRAM GB"
+        " | launches/token | CPU ms/token | CUDA ms/token |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['engine']} | {row['attn']} | error: {row['error'][:80]} | | | | | | |")
             continue
         prof = row.get("profile", {})
-        print(f"| {row['engine']} | {row['attn']} | {row['stream_decode_tok_s']:.1f} | {row['bare_generate_tok_s']:.1f} "
-              f"| {row['ttft_s']:.3f} | {row['peak_vram_gb']:.2f} | {prof.get('kernel_launches_per_token', float('nan')):.0f} "
-              f"| {prof.get('self_cpu_ms_per_token', float('nan')):.1f} | {prof.get('self_cuda_ms_per_token', float('nan')):.2f} |")
+        print(
+            f"| {row['engine']} | {row['attn']} | {row['stream_decode_tok_s']:.1f} | {row['bare_generate_tok_s']:.1f} "
+            f"| {row['ttft_s']:.3f} | {row['peak_vram_gb']:.2f}"
+            f" | {prof.get('kernel_launches_per_token', float('nan')):.0f} "
+            f"| {prof.get('self_cpu_ms_per_token', float('nan')):.1f}"
+            f" | {prof.get('self_cuda_ms_per_token', float('nan')):.2f} |"
+        )
     Path(args.out, "bf16.json").write_text(json.dumps(rows, indent=2, default=str))
     return 0
 

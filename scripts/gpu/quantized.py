@@ -7,8 +7,10 @@ Prints a markdown table and writes quantized.json under --out.
 Run on a CUDA machine with the GPU bundle (gptqmodel added with --nodeps):
     python3 scripts/gpu/quantized.py --out $OUT
 On CPU, for a quick check of the script itself:
-    python scripts/gpu/quantized.py --device cpu --max-new-tokens 8 --repeats 1 --quality-tokens 4 --engines bf16 gptq-int4
+    python scripts/gpu/quantized.py --device cpu --max-new-tokens 8 --repeats 1 --quality-tokens 4 \
+        --engines bf16 gptq-int4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +28,26 @@ from engines.protocol import GenerationParams  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
 
 PROMPT = "Write a short essay about the history of the printing press."
-VARIANTS = {"bf16": ("bf16", {}), "nf4": ("nf4", {}), "int8": ("int8", {}), "gptq-int4": ("gptq-int4", {}),
-            "gptq-int4-marlin": ("gptq-int4", {"backend": "gptq_marlin"})}
+VARIANTS = {
+    "bf16": ("bf16", {}),
+    "nf4": ("nf4", {}),
+    "int8": ("int8", {}),
+    "gptq-int4": ("gptq-int4", {}),
+    "gptq-int4-marlin": ("gptq-int4", {"backend": "gptq_marlin"}),
+}
 
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch
+
         torch.cuda.synchronize()
 
 
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         import torch
+
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -47,7 +56,8 @@ def peak_gb(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
     import torch
-    return torch.cuda.max_memory_allocated() / 1024 ** 3
+
+    return torch.cuda.max_memory_allocated() / 1024**3
 
 
 def timed_run(engine, device: str, max_new_tokens: int) -> dict:
@@ -58,8 +68,13 @@ def timed_run(engine, device: str, max_new_tokens: int) -> dict:
     synchronize(device)
     wall_s = time.perf_counter() - started
     stats = engine.stats()
-    return {"decode_tok_s": stats.decode_tok_s, "ttft_s": stats.ttft_s, "num_tokens": stats.num_tokens,
-            "end_to_end_tok_s": stats.num_tokens / wall_s, "text": text}
+    return {
+        "decode_tok_s": stats.decode_tok_s,
+        "ttft_s": stats.ttft_s,
+        "num_tokens": stats.num_tokens,
+        "end_to_end_tok_s": stats.num_tokens / wall_s,
+        "text": text,
+    }
 
 
 def measure(key: str, args, reference) -> dict:
@@ -86,6 +101,7 @@ def measure(key: str, args, reference) -> dict:
         row["memory_kind"] = engine.stats().memory_kind
         if reference is not None:
             from engines.measure.quality import evaluate_quality
+
             row.update({f"quality_{k}": v for k, v in evaluate_quality(engine, reference).to_dict().items()})
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -98,6 +114,7 @@ def measure(key: str, args, reference) -> dict:
 
 def build_quality_reference(args):
     from engines.measure.quality import build_reference
+
     engine = create_engine("bf16", model=args.model, device=args.device)
     engine.load()
     try:
@@ -112,19 +129,24 @@ def fmt(value, pattern: str) -> str:
 
 def print_table(rows: list[dict], header: str) -> None:
     print(f"\n{header}\n")
-    print("| variant | kernel | decode tok/s | end-to-end tok/s | TTFT s | peak VRAM GB | weights GB | perplexity "
-          "| ppl / bf16 | greedy agreement | suspect |")
+    print(
+        "| variant | kernel | decode tok/s | end-to-end tok/s | TTFT s | peak VRAM GB | weights GB | perplexity "
+        "| ppl / bf16 | greedy agreement | suspect |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['variant']} | error: {row['error'][:120]} | | | | | | | | | |")
             continue
         suspect = "yes: " + row["quality_reason"] if row.get("quality_is_suspect") else "no"
-        print(f"| {row['variant']} | {row.get('kernel_name') or 'torch'} | {fmt(row['decode_tok_s'], '.1f')} "
-              f"| {fmt(row['end_to_end_tok_s'], '.1f')} | {fmt(row['ttft_s'], '.3f')} | {fmt(row['peak_vram_gb'], '.3f')} "
-              f"| {fmt(row.get('quality_weight_footprint_gb'), '.3f')} | {fmt(row.get('quality_perplexity'), '.2f')} "
-              f"| {fmt(row.get('quality_perplexity_ratio'), '.2f')} | {fmt(row.get('quality_greedy_agreement'), '.2f')} "
-              f"| {suspect} |")
+        print(
+            f"| {row['variant']} | {row.get('kernel_name') or 'torch'} | {fmt(row['decode_tok_s'], '.1f')} "
+            f"| {fmt(row['end_to_end_tok_s'], '.1f')} | {fmt(row['ttft_s'], '.3f')}"
+            f" | {fmt(row['peak_vram_gb'], '.3f')} "
+            f"| {fmt(row.get('quality_weight_footprint_gb'), '.3f')} | {fmt(row.get('quality_perplexity'), '.2f')} "
+            f"| {fmt(row.get('quality_perplexity_ratio'), '.2f')} | {fmt(row.get('quality_greedy_agreement'), '.2f')} "
+            f"| {suspect} |"
+        )
 
 
 def main() -> int:
@@ -139,6 +161,7 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device is visible; use --device cpu for a check of the script", file=sys.stderr)
         return 2
@@ -151,13 +174,25 @@ def main() -> int:
     rows = [measure(key, args, reference) for key in args.engines]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     import transformers
-    header = (f"{device_name} | torch {torch.__version__} | transformers {transformers.__version__} | "
-              f"{args.max_new_tokens} greedy tokens, median of {args.repeats} after a warm-up | quality: "
-              f"{args.quality_tokens} tokens x {len(reference.prompts) if reference else 0} prompts vs bf16")
+
+    header = (
+        f"{device_name} | torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"{args.max_new_tokens} greedy tokens, median of {args.repeats} after a warm-up | quality: "
+        f"{args.quality_tokens} tokens x {len(reference.prompts) if reference else 0} prompts vs bf16"
+    )
     print_table(rows, header)
-    Path(args.out, "quantized.json").write_text(json.dumps(
-        {"header": header, "reference_perplexity": reference.perplexity if reference else None,
-         "reference_error": reference_error, "rows": rows}, indent=2, default=str))
+    Path(args.out, "quantized.json").write_text(
+        json.dumps(
+            {
+                "header": header,
+                "reference_perplexity": reference.perplexity if reference else None,
+                "reference_error": reference_error,
+                "rows": rows,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return 0
 
 

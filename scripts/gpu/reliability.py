@@ -14,6 +14,7 @@ One failing engine or check is a row with its error. Prints a markdown table, wr
 On CPU, to check the script itself (RSS instead of device memory, no OOM check):
     python scripts/gpu/reliability.py --device cpu --engines bf16 --max-new-tokens 8 --repeats 1 --out /tmp/rel
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,11 @@ from engines.telemetry import GB, nvml_device_used_gb, release_freed_memory  # n
 PROMPT = "Write a short essay about the history of the printing press."
 # gptq-int4 quantizes on first use (minutes without a cache): name it with --engines when its cache is there.
 DEFAULT_ENGINES = ["bf16", "bf16-compiled", "nf4", "int8", "spec", "vllm", "vllm-fp8kv"]
-ENGINE_OPTIONS = {"gptq-int4": {"backend": "gptq_triton"}, "vllm": {"gpu_memory_utilization": 0.3},
-                  "vllm-fp8kv": {"gpu_memory_utilization": 0.3}}
+ENGINE_OPTIONS = {
+    "gptq-int4": {"backend": "gptq_triton"},
+    "vllm": {"gpu_memory_utilization": 0.3},
+    "vllm-fp8kv": {"gpu_memory_utilization": 0.3},
+}
 MEMORY_TOLERANCE = 0.05
 SETTLE_S = 3.0
 
@@ -43,6 +47,7 @@ SETTLE_S = 3.0
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch
+
         torch.cuda.synchronize()
 
 
@@ -51,11 +56,13 @@ def memory_gb(device: str) -> float:
     release_freed_memory()
     if device == "cpu":
         import psutil
+
         return psutil.Process().memory_info().rss / GB
     used = nvml_device_used_gb()
     if used is not None:
         return used
     import torch
+
     return torch.cuda.memory_reserved() / GB
 
 
@@ -75,13 +82,17 @@ def unload_check(name: str, device: str, max_new_tokens: int, repeats: int) -> d
     engine = None
     try:
         # vLLM picks its own device; the in-process engines are told which one.
-        options = ENGINE_OPTIONS.get(name, {}) if name.startswith("vllm") else {**ENGINE_OPTIONS.get(name, {}),
-                                                                               "device": device}
+        options = (
+            ENGINE_OPTIONS.get(name, {})
+            if name.startswith("vllm")
+            else {**ENGINE_OPTIONS.get(name, {}), "device": device}
+        )
         engine = create_engine(name, **options)
         engine.load()
         timed_tok_s(engine, device, 8)  # warm-up
-        row["tok_s_median"] = round(statistics.median(timed_tok_s(engine, device, max_new_tokens)
-                                                      for _ in range(repeats)), 2)
+        row["tok_s_median"] = round(
+            statistics.median(timed_tok_s(engine, device, max_new_tokens) for _ in range(repeats)), 2
+        )
         row["loaded_gb"] = round(memory_gb(device), 3)
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -101,6 +112,7 @@ def unload_check(name: str, device: str, max_new_tokens: int, repeats: int) -> d
 def oom_check(device: str) -> dict:
     """A real CUDA OOM inside generate(): readable message, and the engine works once memory is back."""
     import torch
+
     row = {"check": "real OOM mid-generation", "engine": "bf16"}
     engine = create_engine("bf16", device=device)
     filler = None
@@ -108,7 +120,7 @@ def oom_check(device: str) -> dict:
         engine.load()
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
-        filler = torch.empty(max(0, free - 16 * 1024 ** 2), dtype=torch.uint8, device=device)
+        filler = torch.empty(max(0, free - 16 * 1024**2), dtype=torch.uint8, device=device)
         long_prompt = " ".join(["history"] * 6000)
         try:
             list(engine.stream(long_prompt, GenerationParams(max_new_tokens=64)))
@@ -153,8 +165,19 @@ def vllm_stop_check() -> dict:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    columns = ["check", "engine", "ok", "before_gb", "loaded_gb", "after_gb", "after_over_before",
-               "retained_frac_of_engine", "tok_s_median", "message", "error"]
+    columns = [
+        "check",
+        "engine",
+        "ok",
+        "before_gb",
+        "loaded_gb",
+        "after_gb",
+        "after_over_before",
+        "retained_frac_of_engine",
+        "tok_s_median",
+        "message",
+        "error",
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(column, "")).replace("|", "/") for column in columns) + " |")
@@ -162,8 +185,9 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for reliability.json (default $OUT)")
     parser.add_argument("--device", default=None, help="cuda (default when a GPU is visible) or cpu")
     parser.add_argument("--engines", nargs="+", default=DEFAULT_ENGINES, help="engines whose unload is checked")
@@ -171,6 +195,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine, median quoted (default 3)")
     args = parser.parse_args()
     import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.ones(1, device=device)  # the CUDA context, which no unload can return, exists before any reading
@@ -184,8 +209,10 @@ def main() -> int:
         if any(name.startswith("vllm") for name in args.engines):
             rows.append(vllm_stop_check())
     table = to_markdown(rows)
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}; pass = memory after "
-          f"unload within {MEMORY_TOLERANCE:.0%} of before load\n")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}; pass = memory after "
+        f"unload within {MEMORY_TOLERANCE:.0%} of before load\n"
+    )
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Run on a CUDA machine with the GPU bundle installed:
 Try it on CPU with:
     python3 scripts/gpu/spec.py --device cpu --max-new-tokens 32 --repeats 1 --out /tmp/spec
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,11 @@ from engines.registry import create_engine  # noqa: E402
 from engines.variants.transformers.speculative import measure_speedup  # noqa: E402
 
 PROMPTS = {
-    "repetitive": ("Here is a Python module:\n\n"
-                   + "".join(f"def scale_{n}(values):\n    return [value * {n} for value in values]\n\n"
-                             for n in range(2, 9))
-                   + "# The same module, copied verbatim:\n\ndef scale_2(values):\n"),
+    "repetitive": (
+        "Here is a Python module:\n\n"
+        + "".join(f"def scale_{n}(values):\n    return [value * {n} for value in values]\n\n" for n in range(2, 9))
+        + "# The same module, copied verbatim:\n\ndef scale_2(values):\n"
+    ),
     "free-form": "Write a short essay about the history of the printing press.",
 }
 
@@ -35,6 +37,7 @@ PROMPTS = {
 def synchronize(device: str) -> None:
     if device == "cuda":
         import torch
+
         torch.cuda.synchronize()
 
 
@@ -45,8 +48,7 @@ def measure_engine(options: dict, args) -> list[dict]:
         engine = create_engine("spec", model=args.model, device=args.device, **options)
         engine.load(progress=lambda message: print("  ", message, flush=True))
     except Exception as error:
-        return [{"drafting": drafting, "prompt": name, "error": f"{type(error).__name__}: {error}"}
-                for name in PROMPTS]
+        return [{"drafting": drafting, "prompt": name, "error": f"{type(error).__name__}: {error}"} for name in PROMPTS]
     rows = []
     params = GenerationParams(max_new_tokens=args.max_new_tokens)
     for name, prompt in PROMPTS.items():
@@ -72,17 +74,24 @@ def measure_engine(options: dict, args) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| drafting | prompt | tokens | tok/s without spec | tok/s with spec | speed-up | "
-             "acceptance rate | mean accepted len | same text |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| drafting | prompt | tokens | tok/s without spec | tok/s with spec | speed-up | "
+        "acceptance rate | mean accepted len | same text |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['drafting']} | {row['prompt']} | error: {row['error'][:100]} | | | | | | |")
             continue
         rate = "n/a" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.2f}"
         length = "n/a" if row["mean_accepted_len"] is None else f"{row['mean_accepted_len']:.2f}"
-        lines.append(f"| {row['drafting']} | {row['prompt']} | {row['num_tokens']} | {row['baseline_decode_tok_s']:.1f} "
-                     f"| {row['spec_decode_tok_s']:.1f} | {row['speedup']:.2f}x | {rate} | {length} "
-                     f"| {'yes' if row['is_same_text'] else 'NO'} |")
+        lines.append(
+            f"| {row['drafting']} | {row['prompt']} | {row['num_tokens']} | {row['baseline_decode_tok_s']:.1f} "
+            f"| {row['spec_decode_tok_s']:.1f} | {row['speedup']:.2f}x | {rate} | {length} "
+            f"| {'yes' if row['is_same_text'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -102,9 +111,12 @@ def main() -> int:
         configurations.append({"draft_model": args.draft_model})
     rows = [row for options in configurations for row in measure_engine(options, args)]
     import torch
+
     device_name = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else args.device
-    header = (f"{device_name} | torch {torch.__version__} | bf16 | {args.max_new_tokens} greedy tokens, "
-              f"median decode tok/s of {args.repeats} alternating runs per mode")
+    header = (
+        f"{device_name} | torch {torch.__version__} | bf16 | {args.max_new_tokens} greedy tokens, "
+        f"median decode tok/s of {args.repeats} alternating runs per mode"
+    )
     print("\n" + markdown(rows, header))
     Path(args.out, "spec.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2, default=str))
     return 0

@@ -12,6 +12,7 @@ Run on a CUDA machine with the GPU bundle installed (about 5 minutes):
 On CPU, a small smoke run of the same code:
     python scripts/gpu/vllm.py --device cpu --max-new-tokens 16 --levels 1,4 --repeats 1 --out /tmp/vllm-gpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,17 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 sys.path.insert(0, str(_HERE.parents[1]))
 
 from engines.measure.load import measure_level  # noqa: E402
-from engines.protocol import GenerationParams, describe_error  # noqa: E402
 from engines.measure.quality import perplexity_text, quality_prompts, token_agreement  # noqa: E402
+from engines.protocol import GenerationParams, describe_error  # noqa: E402
 from engines.registry import create_engine  # noqa: E402
 
 FREE_FORM_PROMPT = "Write a short essay about the history of the printing press."
-REPETITIVE_PROMPT = ("List: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
-                     "Copy: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
-                     "List: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
-                     "Copy:")
+REPETITIVE_PROMPT = (
+    "List: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
+    "Copy: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
+    "List: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon.\n"
+    "Copy:"
+)
 AGREEMENT_TOKENS = 32
 NUM_AGREEMENT_PROMPTS = 4
 
@@ -84,8 +87,10 @@ def measure_engine(engine, args, reference: dict | None) -> dict:
     row["levels"] = [asdict(measure_level(engine, level, params)) for level in args.levels]
     row["kv_peak_used_frac"] = max((level["kv_peak_used_frac"] or 0.0) for level in row["levels"])
     if reference:
-        agreements = [token_agreement(expected, greedy_ids(engine, prompt, AGREEMENT_TOKENS))
-                      for prompt, expected in zip(reference["prompts"], reference["ids"])]
+        agreements = [
+            token_agreement(expected, greedy_ids(engine, prompt, AGREEMENT_TOKENS))
+            for prompt, expected in zip(reference["prompts"], reference["ids"])
+        ]
         row["greedy_agreement_vs_bf16"] = sum(agreements) / len(agreements)
     row["perplexity"] = engine.perplexity(perplexity_text())
     return row
@@ -102,10 +107,25 @@ def measure_speculation(spec_engine, base_engine, args) -> list[dict]:
         spec_tok_s = statistics.median(run["decode_tok_s"] for run in spec_runs)
         base_tok_s = statistics.median(run["decode_tok_s"] for run in base_runs)
         last = spec_runs[-1]
-        rows.append({"prompt": label, "vllm_tok_s": base_tok_s, "vllm_spec_tok_s": spec_tok_s,
-                     "speedup": spec_tok_s / base_tok_s, "is_identical": spec_ids == list(base_engine.last_token_ids),
-                     **{key: last[key] for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens",
-                                                   "acceptance_rate", "mean_accepted_len")}})
+        rows.append(
+            {
+                "prompt": label,
+                "vllm_tok_s": base_tok_s,
+                "vllm_spec_tok_s": spec_tok_s,
+                "speedup": spec_tok_s / base_tok_s,
+                "is_identical": spec_ids == list(base_engine.last_token_ids),
+                **{
+                    key: last[key]
+                    for key in (
+                        "num_drafts",
+                        "num_draft_tokens",
+                        "num_accepted_tokens",
+                        "acceptance_rate",
+                        "mean_accepted_len",
+                    )
+                },
+            }
+        )
     return rows
 
 
@@ -133,27 +153,35 @@ def fmt(value, digits: int = 1) -> str:
 def print_tables(rows: list[dict], spec_rows: list[dict], args, header: str) -> None:
     print(f"\n{header}\n")
     level_heads = " | ".join(f"agg tok/s @{level}" for level in args.levels)
-    print(f"| engine | KV dtype | load s | batch-1 tok/s ({args.max_new_tokens} tok) | {level_heads} | KV blocks total "
-          "| block size | peak KV used | greedy agreement vs bf16 | perplexity |")
+    print(
+        f"| engine | KV dtype | load s | batch-1 tok/s ({args.max_new_tokens} tok) | {level_heads} | KV blocks total "
+        "| block size | peak KV used | greedy agreement vs bf16 | perplexity |"
+    )
     print("|" + "---|" * (9 + len(args.levels)))
     for row in rows:
         if "error" in row:
             print(f"| {row['engine']} | error: {row['error'][:100]} |" + " |" * (8 + len(args.levels)))
             continue
         levels = " | ".join(fmt(level["aggregate_tok_s"]) for level in row["levels"])
-        print(f"| {row['engine']} | {row['kv_cache_dtype']} | {fmt(row['load_s'])} | {fmt(row['batch1_decode_tok_s'])} "
-              f"| {levels} | {row['kv_blocks_total']} | {row['kv_block_size']} | {fmt(row['kv_peak_used_frac'], 4)} "
-              f"| {fmt(row.get('greedy_agreement_vs_bf16'), 3)} | {fmt(row['perplexity'], 2)} |")
-    print("\n| prompt | vllm tok/s | vllm-spec tok/s | speed-up | identical | drafts | draft tokens | accepted "
-          "| acceptance rate | mean accepted len |")
+        print(
+            f"| {row['engine']} | {row['kv_cache_dtype']} | {fmt(row['load_s'])} | {fmt(row['batch1_decode_tok_s'])} "
+            f"| {levels} | {row['kv_blocks_total']} | {row['kv_block_size']} | {fmt(row['kv_peak_used_frac'], 4)} "
+            f"| {fmt(row.get('greedy_agreement_vs_bf16'), 3)} | {fmt(row['perplexity'], 2)} |"
+        )
+    print(
+        "\n| prompt | vllm tok/s | vllm-spec tok/s | speed-up | identical | drafts | draft tokens | accepted "
+        "| acceptance rate | mean accepted len |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in spec_rows:
         if "error" in row:
             print(f"| {row['prompt']} | error: {row['error'][:100]} | | | | | | | | |")
             continue
-        print(f"| {row['prompt']} | {fmt(row['vllm_tok_s'])} | {fmt(row['vllm_spec_tok_s'])} | {fmt(row['speedup'], 2)} "
-              f"| {row['is_identical']} | {row['num_drafts']} | {row['num_draft_tokens']} | {row['num_accepted_tokens']} "
-              f"| {fmt(row['acceptance_rate'], 3)} | {fmt(row['mean_accepted_len'], 2)} |")
+        print(
+            f"| {row['prompt']} | {fmt(row['vllm_tok_s'])} | {fmt(row['vllm_spec_tok_s'])} | {fmt(row['speedup'], 2)} "
+            f"| {row['is_identical']} | {row['num_drafts']} | {row['num_draft_tokens']} | {row['num_accepted_tokens']} "
+            f"| {fmt(row['acceptance_rate'], 3)} | {fmt(row['mean_accepted_len'], 2)} |"
+        )
 
 
 def main() -> int:
@@ -199,17 +227,23 @@ def main() -> int:
             engine.unload()
     header = platform_header(args)
     print_tables(rows, spec_rows, args, header)
-    Path(args.out, "vllm.json").write_text(json.dumps(
-        {"header": header, "engines": rows, "speculation": spec_rows, "args": vars(args)}, indent=2, default=str))
+    Path(args.out, "vllm.json").write_text(
+        json.dumps(
+            {"header": header, "engines": rows, "speculation": spec_rows, "args": vars(args)}, indent=2, default=str
+        )
+    )
     return 0
 
 
 def platform_header(args) -> str:
     import torch
     import vllm
+
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    return (f"{device} | vLLM {vllm.__version__} | torch {torch.__version__} | median of {args.repeats}, "
-            f"wall clock after warm-up | {time.strftime('%Y-%m-%d')}")
+    return (
+        f"{device} | vLLM {vllm.__version__} | torch {torch.__version__} | median of {args.repeats}, "
+        f"wall clock after warm-up | {time.strftime('%Y-%m-%d')}"
+    )
 
 
 if __name__ == "__main__":

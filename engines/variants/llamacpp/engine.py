@@ -127,7 +127,8 @@ class GgufEngine(Scoring):
             self._generate(prompt_ids, params, stop_ids, emit, stop)
 
         yield from stream_request(name=self.name, recorder=self.recorder,
-                                  start=start_in_thread(f"{self.name}-decode", work), max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
+                                  start=start_in_thread(f"{self.name}-decode", work),
+                                  max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
                                   lock=self._lock, cancel=cancel, token_ids=token_ids,
                                   detokenizer=Detokenizer(_Tokenizer(self.llm)))
 

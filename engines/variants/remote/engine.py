@@ -21,11 +21,18 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from engines.options import parse_options
+from engines.protocol import (
+    ChatPrompt,
+    EngineError,
+    EngineStats,
+    GenerationParams,
+    ProgressCallback,
+    StreamEvent,
+    validate_prompt,
+)
+from engines.telemetry import GenerationRecorder, MemoryReading
 from engines.variants.remote.http_errors import explain_http_error
 from engines.variants.remote.prometheus import MetricsScraper
-from engines.protocol import (ChatPrompt, EngineError, EngineStats, GenerationParams, ProgressCallback, StreamEvent,
-                              validate_prompt)
-from engines.telemetry import GenerationRecorder, MemoryReading
 from engines.variants.streaming import Chunk, start_in_thread, stream_request
 
 CONNECT_TIMEOUT_S = 5.0
@@ -130,7 +137,8 @@ class RemoteEngine:
             for response in responses:
                 response.close()
 
-        yield from stream_request(name=self.name, recorder=self.recorder, start=start_in_thread(f"{self.name}-http", work),
+        yield from stream_request(name=self.name, recorder=self.recorder,
+                                  start=start_in_thread(f"{self.name}-http", work),
                                   max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel, abort=abort,
                                   join_timeout_s=0.2)
 

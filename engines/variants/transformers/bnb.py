@@ -7,9 +7,9 @@ embedding is large (Gemma-3-270M's is two thirds of its parameters).
 """
 from __future__ import annotations
 
-from engines.variants.transformers.engine import TransformersEngine
 from engines.models.catalog import ModelSource, trust_remote_code
 from engines.protocol import Precision, ProgressCallback
+from engines.variants.transformers.engine import TransformersEngine
 from engines.variants.transformers.options import BitsAndBytesOptions
 
 

@@ -2,8 +2,8 @@
 transformers variant (nf4, int8, gptq-int4, spec).
 
 One plain generate() runs in the engine's own single worker thread, with a streamer
-(engines/variants/transformers/token_stream.py) that stamps tokens there. The worker is one persistent thread, not one per
-request, because CUDA graphs captured by torch.compile (bf16-compiled) belong to the thread that
+(engines/variants/transformers/token_stream.py) that stamps tokens there. The worker is one persistent
+thread, not one per request, because CUDA graphs captured by torch.compile (bf16-compiled) belong to the thread that
 captured them: replaying them from another thread asserts. Subclasses override `_load_model()` (how
 weights are built) and `_generate_kwargs()` (what generate() gets extra).
 """
@@ -13,17 +13,27 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
+from engines.hardware import has_gpu
 from engines.models.catalog import ModelSource, trust_remote_code
 from engines.models.sources import resolve_model
-from engines.protocol import (ChatPrompt, EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision,
-                              Scoring,
-                              ProgressCallback, StreamEvent, describe_error, validate_prompt)
-from engines.hardware import has_gpu
-from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.options import parse_options
+from engines.protocol import (
+    ChatPrompt,
+    EngineError,
+    EngineStats,
+    EngineUnavailable,
+    GenerationParams,
+    Precision,
+    ProgressCallback,
+    Scoring,
+    StreamEvent,
+    describe_error,
+    validate_prompt,
+)
+from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.variants.streaming import Detokenizer, stream_request
 from engines.variants.transformers import shared_weights
+from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
 from engines.variants.transformers.options import TransformersOptions
 from engines.variants.transformers.token_stream import TokenStreamer
 
@@ -73,7 +83,8 @@ class TransformersEngine(Scoring):
         except Exception as error:
             hint = " It runs only if the operator sets PLAYGROUND_TRUST_REMOTE_CODE=1." \
                 if "custom code" in str(error) and not trust_remote_code() else ""
-            raise EngineError(f"{self.name}: could not load {self.source.name}: {describe_error(error)}{hint}") from error
+            raise EngineError(f"{self.name}: could not load {self.source.name}: "
+                              f"{describe_error(error)}{hint}") from error
         self.recorder = GenerationRecorder(self.name, MemoryProbe(self.device))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-generate")
         # Random-weight shapes have their own vocabulary; the bench warms them up with prompts that fit it.
@@ -100,10 +111,11 @@ class TransformersEngine(Scoring):
             if self._is_dummy():
                 from engines.models.dummy import random_model
                 return random_model(source.path, self._torch_dtype(), self.device, attn)
-            return AutoModelForCausalLM.from_pretrained(source.path, dtype=self._torch_dtype(), attn_implementation=attn,
-                                                        trust_remote_code=trust_remote_code()).to(self.device)
+            return AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=self._torch_dtype(), attn_implementation=attn,
+                trust_remote_code=trust_remote_code()).to(self.device)
 
-        # Engines declaring the same weights (weights_key) share one copy: engines/variants/transformers/shared_weights.py
+        # Engines declaring the same weights (weights_key) share one copy (transformers/shared_weights.py).
         model = shared_weights.load_model(self.weights_key(), source.path, attn, build)
         if self.options.compile:
             # A static cache gives torch.compile fixed shapes; generate() then compiles the forward.

@@ -22,19 +22,40 @@ import threading
 import time
 from typing import Iterator
 
-from engines.models.catalog import ModelSource, trust_remote_code
-
-from engines.models.sources import resolve_model
-from engines.protocol import (Batching, ChatPrompt, EngineError, EngineStats, EngineUnavailable, GenerationParams, Precision,
-                              Scoring,
-                              ProgressCallback, StreamEvent, describe_error, validate_prompt)
 from engines.hardware import has_gpu
+from engines.models.catalog import ModelSource, trust_remote_code
+from engines.models.sources import resolve_model
+from engines.protocol import (
+    Batching,
+    ChatPrompt,
+    EngineError,
+    EngineStats,
+    EngineUnavailable,
+    GenerationParams,
+    Precision,
+    ProgressCallback,
+    Scoring,
+    StreamEvent,
+    describe_error,
+    validate_prompt,
+)
 from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
 from engines.variants.streaming import stream_request
-from engines.variants.vllm.requests import (RequestTiming, arrivals_timed, cancel_pending_tasks, gather_timed,
-                                            produce_deltas, prompt_perplexity)
-from engines.variants.vllm.support import (KvTelemetry, VllmOptions, fp8_kv_unavailable_reason, num_unfinished_requests,
-                                  stat_logger_factory)
+from engines.variants.vllm.requests import (
+    RequestTiming,
+    arrivals_timed,
+    cancel_pending_tasks,
+    gather_timed,
+    produce_deltas,
+    prompt_perplexity,
+)
+from engines.variants.vllm.support import (
+    KvTelemetry,
+    VllmOptions,
+    fp8_kv_unavailable_reason,
+    num_unfinished_requests,
+    stat_logger_factory,
+)
 
 # vLLM logs to stdout unless told otherwise; the CLI's tables and --json own stdout. Read when vLLM is
 # first imported (after this module), and inherited by the engine core's processes.
@@ -102,7 +123,8 @@ class VllmEngine(Scoring, Batching):
             self._llm = self._call(self._create(engine_args, stat_logger_factory(self.telemetry)))
         except Exception as error:
             self._stop_loop()
-            raise EngineError(f"{self.name}: vLLM could not load {self.source.name}: {describe_error(error)}") from error
+            raise EngineError(f"{self.name}: vLLM could not load {self.source.name}: "
+                              f"{describe_error(error)}") from error
         self.load_s = time.perf_counter() - started
         self.memory = MemoryProbe(self.device, is_in_process=False, baseline_device_gb=baseline_gb)
         self.recorder = GenerationRecorder(self.name, self.memory, kv_probe=self.telemetry.snapshot)

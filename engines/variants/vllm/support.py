@@ -22,9 +22,9 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from engines.hardware import FP8_KV_CPU_ISA_REASON
 from engines.models.catalog import trust_remote_code
 from engines.protocol import EngineError, speculation_stats
-from engines.hardware import FP8_KV_CPU_ISA_REASON
 from engines.telemetry import GB
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")

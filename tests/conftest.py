@@ -13,6 +13,9 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Apps started by tests load engines only when a test asks: a background preload of the default engines
+# would load a model behind every server test's back (and spend minutes of the suite).
+os.environ.setdefault("PLAYGROUND_PRELOAD", "0")
 
 import pytest
 

@@ -71,8 +71,10 @@ def client(app):
     return Client(app[1], verbose=False, download_files=False)
 
 
-def run_args(prompt=PROMPT, max_new_tokens=8, temperature=0.0, seed=0, mode="parallel", keys=("bf16",)):
-    return [prompt, max_new_tokens, temperature, seed, mode, list(keys) if isinstance(keys, tuple) else keys]
+def run_args(prompt=PROMPT, max_new_tokens=8, temperature=0.0, seed=0, mode="parallel", keys=("bf16",),
+             prompt_kind="Completion", system=""):
+    return [prompt, max_new_tokens, temperature, seed, mode, list(keys) if isinstance(keys, tuple) else keys,
+            prompt_kind, system]
 
 
 def bench_args(engines=("bf16",), new_tokens=4, prompt_tokens=32, repeats=1, weights=REAL, quality=False):

@@ -46,7 +46,7 @@ def server(bf16_engine):
 
 
 def run_prompt(client: Client, prompt: str):
-    return client.predict(prompt, MAX_NEW_TOKENS, 0.0, 0, "parallel", ENGINES, api_name="/run")
+    return client.predict(prompt, MAX_NEW_TOKENS, 0.0, 0, "parallel", ENGINES, "Completion", "", api_name="/run")
 
 
 def test_twenty_sessions_complete_or_get_queue_full_and_the_server_stays_up(server):

@@ -284,7 +284,7 @@ def test_load_shows_progress_per_engine_then_unload_forgets_it():
     assert any("bf16: loading" in note for note in notes), notes
     assert record_of(playground, outputs[-1]).panes[0].status == "ready" and pool.loaded_keys() == ["bf16-eager"]
     engine = pool.engine("bf16-eager")
-    assert engine.options["attn_implementation"] == "eager" and engine.is_loaded
+    assert engine.options.attn_implementation == "eager" and engine.is_loaded
     unloaded = playground.unload()
     status, loaded = unloaded[playground.page.status], unloaded[playground.page.loaded]
     assert "bf16-eager" in status and "none" in loaded and pool.loaded_keys() == []

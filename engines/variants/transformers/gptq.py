@@ -1,34 +1,30 @@
 """`gptq-int4`: 4-bit GPTQ weights through GPTQModel (auto-gptq is archived).
 
 A model whose config carries a GPTQ quantization_config, or `checkpoint=PATH`, loads directly. Any
-other model is quantized on first use from assets/calibration.txt and cached under
-cache_dir()/gptq/, keyed by a hash of the model and the settings. The cache is written to a staging
-folder, given a manifest of file sizes and sha256 sums, and renamed into place; a cache whose files do
-not match its manifest (corrupt, truncated, half-deleted) is rebuilt, never loaded.
-
-Kernels are named, not left to GPTQModel's automatic choice: offline on a GPU that choice tries to
-download CUTLASS and fails. `kernel_name` says which one ran.
+other model is quantized on first use from assets/calibration.txt and cached under cache_dir()/gptq/,
+with a manifest that is verified on every load (engines/variants/transformers/int4_cache.py, shared with
+awq-int4). `kernel_name` says which kernel ran.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import shutil
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from engines.variants.transformers.engine import TransformersEngine
-from engines.models.catalog import ASSETS, ModelSource, cache_dir, trust_remote_code
-from engines.protocol import say
-from engines.protocol import EngineError, Precision, ProgressCallback, describe_error
+from engines.models.catalog import ModelSource, trust_remote_code
+from engines.protocol import ProgressCallback
+from engines.variants.transformers.int4_cache import (
+    MANIFEST,
+    Int4Engine,
+    Int4Method,
+    cache_problem,
+    calibration_samples,
+    library_output_to_stderr,
+    quantize_once,
+)
 from engines.variants.transformers.options import GptqOptions
 
-CALIBRATION_PATH = ASSETS / "calibration.txt"
-MANIFEST = "manifest.json"
+__all__ = ["BACKENDS", "GPTQ", "MANIFEST", "GptqEngine", "GptqSettings", "cache_problem", "ensure_quantized"]
+
 # Tried in order until one loads; the first is what GPTQModel itself picks on each device when it can.
 BACKENDS = {"cpu": ("gptq_torch_aten", "gptq_torch"), "cuda": ("gptq_triton", "gptq_torch")}
 
@@ -44,80 +40,6 @@ class GptqSettings:
     num_calibration_samples: int = 16
 
 
-def calibration_samples(num_samples: int) -> list[str]:
-    paragraphs = [part.strip() for part in CALIBRATION_PATH.read_text().split("\n\n") if part.strip()]
-    if not 1 <= num_samples <= len(paragraphs):
-        raise EngineError(f"num_calibration_samples must be between 1 and {len(paragraphs)} "
-                          f"(the paragraphs of {CALIBRATION_PATH.name}), got {num_samples}")
-    return paragraphs[:num_samples]
-
-
-def cache_key(source: ModelSource, settings: GptqSettings) -> str:
-    with library_output_to_stderr():
-        import gptqmodel
-    identity = {"model": str(source.path), "config_sha256": _sha256(source.path / "config.json"),
-                "settings": asdict(settings), "gptqmodel": gptqmodel.__version__,
-                "calibration_sha256": hashlib.sha256(
-                    "\n\n".join(calibration_samples(settings.num_calibration_samples)).encode()).hexdigest()}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cache_path(source: ModelSource, settings: GptqSettings) -> Path:
-    return cache_dir() / "gptq" / f"{source.path.name}-{settings.bits}bit-g{settings.group_size}-{cache_key(source, settings)}"
-
-
-def cache_problem(folder: Path) -> str | None:
-    """None when the folder holds a complete quantized checkpoint matching its manifest, else why not."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        return "no manifest (an interrupted or foreign write)"
-    except (ValueError, KeyError, TypeError):
-        return "the manifest is unreadable"
-    if not any(name.endswith(".safetensors") for name in files) or "config.json" not in files:
-        return "the manifest lists no weights"
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size_bytes"]:
-            return f"{name} is {path.stat().st_size} bytes, the manifest says {expected['size_bytes']} (partial write)"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name} does not match its sha256 (corrupt)"
-    return None
-
-
-def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
-                     progress: ProgressCallback | None = None) -> Path:
-    """Return a verified quantized checkpoint for `source`, quantizing it first when none is cached."""
-    from filelock import FileLock
-    target = cache_path(source, settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        problem = cache_problem(target) if target.exists() else "not quantized yet"
-        if problem is None:
-            say(progress, f"gptq-int4: loading the cached quantization {target}")
-            return target
-        if target.exists():
-            say(progress, f"gptq-int4: the cache at {target} is unusable ({problem}); rebuilding it")
-            shutil.rmtree(target)
-        staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        started = time.perf_counter()
-        say(progress, f"gptq-int4: quantizing {source.name} to {settings.bits}-bit GPTQ, group size "
-                       f"{settings.group_size}, {settings.num_calibration_samples} calibration samples on {device} "
-                       f"(first use only{'; about 2 minutes on 2 CPU cores' if device == 'cpu' else ''})")
-        try:
-            _quantize(source, settings, device, staging)
-            _write_manifest(staging, settings, time.perf_counter() - started)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        say(progress, f"gptq-int4: quantized in {time.perf_counter() - started:.0f} s, cached at {target}")
-    return target
-
-
 def _quantize(source: ModelSource, settings: GptqSettings, device: str, out_dir: Path) -> None:
     with library_output_to_stderr():
         from gptqmodel import GPTQModel, QuantizeConfig
@@ -125,94 +47,25 @@ def _quantize(source: ModelSource, settings: GptqSettings, device: str, out_dir:
         model = GPTQModel.load(str(source.path), config, device=device, trust_remote_code=trust_remote_code())
         model.quantize(calibration_samples(settings.num_calibration_samples), batch_size=1)
         model.save(str(out_dir))
-    # GPTQModel saves the tokenizer it normalised; ours (BOS on, as Gemma needs) is the one to keep.
-    for path in source.path.iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(path, out_dir / path.name)
 
 
-def _write_manifest(folder: Path, settings: GptqSettings, quantize_s: float) -> None:
-    files = {path.name: {"size_bytes": path.stat().st_size, "sha256": _sha256(path)}
-             for path in sorted(folder.iterdir()) if path.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"settings": asdict(settings), "quantize_s": quantize_s,
-                                               "files": files}, indent=2))
+GPTQ = Int4Method("gptq", BACKENDS, _quantize, cpu_estimate="about 2 minutes")
 
 
-@contextlib.contextmanager
-def library_output_to_stderr():
-    """GPTQModel prints its banner, logs and progress bars to stdout, where `generate --json` writes its
-    JSON; they belong on stderr. Its worker count is set before its first import: the default is half
-    the cores, and a single worker crashes quantization on a 2-core machine."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(12, ((os.cpu_count() or 1) + 1) // 2))))
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
+                     progress: ProgressCallback | None = None) -> Path:
+    """The verified GPTQ cache of `source` (vllm-int4 serves the same one), quantized first when missing."""
+    return quantize_once(GPTQ, source, settings, device, progress)
 
 
-def is_gptq_checkpoint(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    method = (config.get("quantization_config") or {}).get("quant_method", "")
-    if method and method != "gptq":
-        raise EngineError(f"{folder} is already quantized with '{method}'; gptq-int4 takes a plain or a GPTQ checkpoint")
-    return method == "gptq"
-
-
-class GptqEngine(TransformersEngine):
+class GptqEngine(Int4Engine):
     """INT4 GPTQ. Options: checkpoint=PATH, backend=NAME (a GPTQModel BACKEND value),
     num_calibration_samples, group_size, desc_act."""
 
     options_class = GptqOptions
+    int4 = GPTQ
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
         super().__init__(name, model, options)
-        self.model_name = self.options.checkpoint or model
-        self.kernel_name: str | None = None
-        self.backend: str | None = None
-        self.checkpoint_path: Path | None = None
         self.settings = GptqSettings(group_size=self.options.group_size, desc_act=self.options.desc_act,
                                      num_calibration_samples=self.options.num_calibration_samples)
-
-    def precision(self) -> Precision:
-        """4-bit weights with an fp16 scale and a 4-bit zero point per group of group_size; the output
-        head, embeddings and KV cache stay in the compute dtype."""
-        compute = super().precision()
-        group = self.settings.group_size
-        return Precision(0.5 + 2 / group + 0.5 / group, compute.other_bytes_per_weight,
-                         compute.kv_bytes_per_element, f"GPTQ INT4 g{group} linear, {compute.label} elsewhere")
-
-    def _load_model(self, source: ModelSource, progress: ProgressCallback | None):
-        device = "cuda" if self.device.startswith("cuda") else "cpu"
-        if is_gptq_checkpoint(source.path):
-            self.checkpoint_path = source.path
-        else:
-            self.checkpoint_path = ensure_quantized(source, self.settings, self.device, progress)
-        with library_output_to_stderr():
-            from gptqmodel import GPTQModel
-            from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-        requested = self.options.backend
-        failures = []
-        for backend in ([requested] if requested else BACKENDS[device]):
-            try:
-                with library_output_to_stderr():
-                    wrapper = GPTQModel.load(str(self.checkpoint_path), device=self.device, backend=backend,
-                                             dtype=self._torch_dtype(), trust_remote_code=trust_remote_code())
-            except Exception as error:
-                failures.append(f"{backend}: {describe_error(error)[:200]}")
-                continue
-            kernels = sorted({type(module).__name__ for module in wrapper.model.modules()
-                              if isinstance(module, BaseQuantLinear)})
-            self.backend, self.kernel_name = backend, ", ".join(kernels)
-            say(progress, f"gptq-int4: kernel {self.kernel_name} (backend {backend})")
-            return wrapper.model
-        raise EngineError(f"gptq-int4: no GPTQ kernel loaded on {self.device}: " + "; ".join(failures))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-

@@ -4,7 +4,7 @@ its kernel, and stays close to bf16 on the embedded Gemma-3-270M. The roofline b
 engines match a hand computation for the embedded shape.
 
 The cache tests quantize test_quantized.py's tiny random-weight Gemma3 (2 layers, hidden 128): real AWQ
-in seconds. The tests marked slow quantize the embedded model itself (about 3 minutes on 2 cores, once
+in seconds. The tests marked slow quantize the embedded model itself (92 s on 2 busy cores, once
 per machine: the cache is kept).
 """
 from __future__ import annotations
@@ -165,7 +165,7 @@ def test_the_registry_spec():
 
 @pytest.fixture(scope="module")
 def awq_engine():
-    """The embedded model in INT4 AWQ: quantized once per machine (about 3 minutes on 2 cores), then cached."""
+    """The embedded model in INT4 AWQ: quantized once per machine (about 2 minutes on 2 cores), then cached."""
     with loaded_engine("awq-int4") as engine:
         yield engine
 

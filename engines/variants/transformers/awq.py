@@ -127,7 +127,7 @@ def _quantize(source: ModelSource, settings: AwqSettings, device: str, out_dir: 
         model.save(str(out_dir))
 
 
-AWQ = Int4Method("awq", BACKENDS, _quantize, cpu_estimate="about 5 minutes")
+AWQ = Int4Method("awq", BACKENDS, _quantize, cpu_estimate="about 2 minutes")
 
 
 def ensure_quantized(source: ModelSource, settings: AwqSettings, device: str,

@@ -98,3 +98,19 @@ def test_greedy_chat_answer_names_paris(smollm2):
     answer = tokenizer.decode(new_ids, skip_special_tokens=True)
     assert "Paris" in answer, answer
     assert new_ids[-1] in prompt.stop_token_ids, f"the turn did not end within 12 tokens: {answer!r}"
+
+
+def test_every_local_engine_is_given_the_same_prompt_ids():
+    # One ChatPrompt, built once from the template; each engine's own encode() turns it into what it feeds
+    # its model. Created, not loaded: encoding a chat prompt needs no weights.
+    from engines.models.chat import chat_prompt_for
+    from engines.models.sources import resolve_model
+    from engines.registry import create_engine
+    prompt = chat_prompt_for(resolve_model("smollm2-135m-instruct"), "What is the capital of France?")
+    ids = list(prompt.token_ids)
+    assert len(ids) == 37
+    for name in ("bf16", "nf4", "gptq-int4", "spec"):
+        input_ids, mask = create_engine(name, model="smollm2-135m-instruct", device="cpu").encode(prompt)
+        assert input_ids[0].tolist() == ids and int(mask.sum()) == len(ids), name
+    assert create_engine("vllm", model="smollm2-135m-instruct").encode(prompt, 16) == ids
+    assert create_engine("gguf", model="smollm2-135m-instruct").encode(prompt) == ids

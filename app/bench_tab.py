@@ -6,13 +6,12 @@ GPU, unload the playground's engines first: their memory is not the bench's to f
 """
 from __future__ import annotations
 
-import queue
 import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
 
+from app.background import follow_job
 from app.hosting import on_zero_gpu
 from app.inputs import flag, names, one_of, whole_number
 from engines.measure.bench import BenchConfig, run_bench
@@ -22,7 +21,6 @@ from engines.protocol import MAX_NEW_TOKENS_LIMIT, EngineError
 from engines.registry import SPECS, list_engines
 
 REAL_WEIGHTS = "the app's model (real weights)"
-POLL_S = 0.25
 MIN_PROMPT_TOKENS = 2          # run_bench's own floor
 MAX_PROMPT_TOKENS = 32_768     # the embedded model's context
 MAX_REPEATS = 20
@@ -38,33 +36,15 @@ def run_bench_events(engines, max_new_tokens, prompt_tokens, repeats, dummy_choi
     except EngineError as error:
         yield (f"**Cannot run:** {error}", "", *empty)
         return
-    messages: queue.Queue = queue.Queue()
-    outcome: dict = {}
+    def work(say):
+        result = run_bench(config, progress=say)
+        return result, write_outputs(result, Path(tempfile.mkdtemp(prefix="bench-", dir=out_root)))
 
-    def work():
-        try:
-            outcome["result"] = run_bench(config, progress=messages.put)
-            out_dir = Path(tempfile.mkdtemp(prefix="bench-", dir=out_root))
-            outcome["paths"] = write_outputs(outcome["result"], out_dir)
-        except EngineError as error:
-            outcome["error"] = str(error)
-        except Exception as error:  # shown in the tab, never a traceback
-            outcome["error"] = f"{type(error).__name__}: {error}"
-
-    worker = threading.Thread(target=work, name="bench-tab", daemon=True)
-    worker.start()
-    lines: list[str] = []
-    while worker.is_alive() or not messages.empty():
-        try:
-            lines.append(messages.get(timeout=POLL_S))
-        except queue.Empty:
-            continue
-        yield ("Running…\n\n" + "\n".join(f"- {line}" for line in lines[-8:]), "", *empty)
-    worker.join()
-    if "error" in outcome:
-        yield (f"**Bench failed:** {outcome['error']}", "", *empty)
+    outcome = yield from follow_job(work, "bench-tab", lambda status: (status, "", *empty))
+    if outcome.error is not None:
+        yield (f"**Bench failed:** {outcome.error}", "", *empty)
         return
-    result, paths = outcome["result"], outcome["paths"]
+    result, paths = outcome.value
     figures = build_figures(result)
     num_ok = sum(row.status == "ok" for row in result.rows)
     files = [str(paths[key]) for key in ("md", "csv", "json", "html")]

@@ -7,21 +7,19 @@ Continuous batching (vLLM) against one request at a time (transformers) is the p
 from __future__ import annotations
 
 import json
-import queue
 import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
 from plotly.subplots import make_subplots
 
+from app.background import follow_job
 from app.hosting import on_zero_gpu
 from app.inputs import one_of, text_of, whole_number
 from engines.measure import load
 from engines.measure.metrics import parse_slos
 from engines.protocol import MAX_NEW_TOKENS_LIMIT, EngineError, GenerationParams, describe_error
 
-POLL_S = 0.25
 MAX_LEVELS = 8
 MAX_TEXT_CHARS = 200
 MAX_TAB_REQUESTS = 256          # per level, from the page (the CLI allows more)
@@ -108,40 +106,25 @@ def run_load_events(pool, engine_key, levels, rates, goodput, max_new_tokens, nu
         yield f"**Cannot run:** {error}", "", None, "", None
         return
     key, params, slos = checked["engine_key"], checked["params"], checked["slos_ms"]
-    messages: queue.Queue = queue.Queue()
-    outcome: dict = {}
 
-    def work():
-        try:
-            engine = pool.load(key, progress=lambda message: messages.put(f"{key}: {message}"))
-            outcome["levels"] = load.measure_levels(engine, checked["levels"], params, say=messages.put,
-                                                    rates=checked["rates"], num_requests=checked["num_requests"],
-                                                    slos_ms=slos or None)
-            from engines.measure.manifest import build_manifest, engine_options_of
-            manifest = build_manifest(model=pool.model, engines={key: engine_options_of(engine)}, mode="load")
-            data = load.results_json(key, params, outcome["levels"], slos or None, manifest=manifest)
-            out_dir = Path(tempfile.mkdtemp(prefix="load-", dir=out_root))
-            outcome["path"] = out_dir / "load.json"
-            outcome["path"].write_text(json.dumps(data, indent=2, default=str))
-        except Exception as error:  # shown in the tab, never a traceback
-            outcome["error"] = describe_error(error)
+    def work(say):
+        engine = pool.load(key, progress=lambda message: say(f"{key}: {message}"))
+        levels = load.measure_levels(engine, checked["levels"], params, say=say, rates=checked["rates"],
+                                     num_requests=checked["num_requests"], slos_ms=slos or None)
+        from engines.measure.manifest import build_manifest, engine_options_of
+        manifest = build_manifest(model=pool.model, engines={key: engine_options_of(engine)}, mode="load")
+        data = load.results_json(key, params, levels, slos or None, manifest=manifest)
+        path = Path(tempfile.mkdtemp(prefix="load-", dir=out_root)) / "load.json"
+        path.write_text(json.dumps(data, indent=2, default=str))
+        return levels, path
 
-    worker = threading.Thread(target=work, name="load-tab", daemon=True)
-    worker.start()
-    lines: list[str] = []
-    while worker.is_alive() or not messages.empty():
-        try:
-            lines.append(messages.get(timeout=POLL_S))
-        except queue.Empty:
-            continue
-        yield "Running…\n\n" + "\n".join(f"- {line}" for line in lines[-8:]), "", None, "", None
-    worker.join()
-    if "error" in outcome:
-        yield f"**Load run failed:** {outcome['error']}", "", None, "", None
+    outcome = yield from follow_job(work, "load-tab", lambda status: (status, "", None, "", None))
+    if outcome.error is not None:
+        yield f"**Load run failed:** {outcome.error}", "", None, "", None
         return
-    results = outcome["levels"]
+    results, path = outcome.value
     yield (f"Done: {len(results)} level(s) on {key}.", load.to_markdown(key, results, slos or None),
-           load_figure(results, f"load: {key}"), kv_markdown(pool, [key]), [str(outcome["path"])])
+           load_figure(results, f"load: {key}"), kv_markdown(pool, [key]), [str(path)])
 
 
 def build(playground, concurrency_id: str = "engines") -> None:

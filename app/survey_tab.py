@@ -2,19 +2,16 @@
 CPU defaults, shown as the report's markdown and its plotly figures (engines/measure/survey_report.py)."""
 from __future__ import annotations
 
-import queue
-import threading
-
 import gradio as gr
 
+from app.background import follow_job
 from app.hosting import on_zero_gpu
 from app.inputs import names, whole_number
 from engines.measure.survey import PRECISIONS, SurveyConfig, run_survey
 from engines.measure.survey_report import build_figures, to_markdown
-from engines.protocol import EngineError, describe_error
+from engines.protocol import EngineError
 from engines.registry import SPECS
 
-POLL_S = 0.25
 MAX_TOKENS = 8192
 FIGURES = ("quality", "speed", "memory", "serving", "kv")
 
@@ -46,30 +43,13 @@ def run_survey_events(engines, tokens, with_vllm, model: str | None = None, conf
     except EngineError as error:
         yield (f"**Cannot run:** {error}", "", *empty)
         return
-    messages: queue.Queue = queue.Queue()
-    outcome: dict = {}
-
-    def work():
-        try:
-            outcome["report"] = run_survey(config, messages.put)
-        except Exception as error:  # shown in the tab, never a traceback
-            outcome["error"] = describe_error(error)
-
-    worker = threading.Thread(target=work, name="survey-tab", daemon=True)
-    worker.start()
-    lines: list[str] = []
-    while worker.is_alive() or not messages.empty():
-        try:
-            lines.append(str(messages.get(timeout=POLL_S)))
-        except queue.Empty:
-            continue
-        yield ("Running…\n\n" + "\n".join(f"- {line}" for line in lines[-8:]), "", *empty)
-    worker.join()
-    if "error" in outcome:
-        yield (f"**Survey failed:** {outcome['error']}", "", *empty)
+    outcome = yield from follow_job(lambda say: run_survey(config, say), "survey-tab",
+                                    lambda status: (status, "", *empty))
+    if outcome.error is not None:
+        yield (f"**Survey failed:** {outcome.error}", "", *empty)
         return
-    figures = build_figures(outcome["report"])
-    yield ("Done.", to_markdown(outcome["report"]), *(figures.get(name) for name in FIGURES))
+    figures = build_figures(outcome.value)
+    yield ("Done.", to_markdown(outcome.value), *(figures.get(name) for name in FIGURES))
 
 
 def build(config=None, concurrency_id: str = "engines") -> None:

@@ -36,13 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.models.catalog import ModelSource, default_model_name, int4_checkpoint, trust_remote_code
-from engines.protocol import ProgressCallback
 from engines.variants.transformers.int4_cache import (
     Int4Engine,
     Int4Method,
     calibration_samples,
     library_output_to_stderr,
-    quantize_once,
 )
 from engines.variants.transformers.options import AwqOptions
 
@@ -128,12 +126,6 @@ def _quantize(source: ModelSource, settings: AwqSettings, device: str, out_dir: 
 
 
 AWQ = Int4Method("awq", BACKENDS, _quantize, cpu_estimate="about 2 minutes")
-
-
-def ensure_quantized(source: ModelSource, settings: AwqSettings, device: str,
-                     progress: ProgressCallback | None = None) -> Path:
-    """The verified AWQ cache of `source`, quantized first when missing (for engines serving the same weights)."""
-    return quantize_once(AWQ, source, settings, device, progress)
 
 
 class AwqEngine(Int4Engine):

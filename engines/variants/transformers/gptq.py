@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.models.catalog import ModelSource, trust_remote_code
-from engines.protocol import ProgressCallback
 from engines.variants.transformers.int4_cache import (
     MANIFEST,
     Int4Engine,
@@ -19,11 +18,10 @@ from engines.variants.transformers.int4_cache import (
     cache_problem,
     calibration_samples,
     library_output_to_stderr,
-    quantize_once,
 )
 from engines.variants.transformers.options import GptqOptions
 
-__all__ = ["BACKENDS", "GPTQ", "MANIFEST", "GptqEngine", "GptqSettings", "cache_problem", "ensure_quantized"]
+__all__ = ["BACKENDS", "GPTQ", "MANIFEST", "GptqEngine", "GptqSettings", "cache_problem"]
 
 # Tried in order until one loads; the first is what GPTQModel itself picks on each device when it can.
 BACKENDS = {"cpu": ("gptq_torch_aten", "gptq_torch"), "cuda": ("gptq_triton", "gptq_torch")}
@@ -50,12 +48,6 @@ def _quantize(source: ModelSource, settings: GptqSettings, device: str, out_dir:
 
 
 GPTQ = Int4Method("gptq", BACKENDS, _quantize, cpu_estimate="about 2 minutes")
-
-
-def ensure_quantized(source: ModelSource, settings: GptqSettings, device: str,
-                     progress: ProgressCallback | None = None) -> Path:
-    """The verified GPTQ cache of `source` (vllm-int4 serves the same one), quantized first when missing."""
-    return quantize_once(GPTQ, source, settings, device, progress)
 
 
 class GptqEngine(Int4Engine):

@@ -166,9 +166,10 @@ class VllmInt4Engine(VllmEngine):
         if importlib.util.find_spec("gptqmodel") is None:
             raise EngineUnavailable(f"{self.name}: quantizing {source.name} to GPTQ needs gptqmodel (not installed); "
                                     f"or pass checkpoint=PATH")
-        from engines.variants.transformers.gptq import GptqSettings, ensure_quantized
+        from engines.variants.transformers.gptq import GPTQ, GptqSettings
+        from engines.variants.transformers.int4_cache import quantize_once
         settings = GptqSettings(group_size=self.group_size, num_calibration_samples=self.num_calibration_samples)
-        return ensure_quantized(source, settings, self.device, progress)
+        return quantize_once(GPTQ, source, settings, self.device, progress)  # the cache gptq-int4 uses
 
     def _read_kernel_choice(self) -> tuple[str | None, str | None]:
         """vLLM's resolved quantization and the linear kernel its worker picks for the first attention

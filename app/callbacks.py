@@ -300,8 +300,7 @@ class Playground:
             return self._message_only("Stopped.")
         for pane in record.panes:
             if pane.status in LIVE_STATUSES or (pane.status == "ready" and not record.is_load_only):
-                if pane.status == "running":
-                    pane.stats = self.pool.engine(pane.key).stats()
+                # a running pane keeps its last live stats, its own request's (the engine may be shared)
                 pane.status, pane.message = "stopped", "stopped by the user"
         record.is_finished = True
         updates = self.render(record, with_charts=True)

@@ -22,6 +22,7 @@ from engines.protocol import EngineStats, GenerationParams, describe_error
 PARALLEL, FAIR = "parallel", "fair"
 MODES = (PARALLEL, FAIR)
 WORKER_JOIN_S = 30.0
+WAITING_FOR_ENGINE = "waiting for the engine: a request of another session is running on it"
 
 
 @dataclass
@@ -64,6 +65,7 @@ class StreamMerger:
         self.refresh_s = 1.0 / refresh_hz
         self._messages: queue.Queue = queue.Queue()
         self._panes = {pane.key: pane for pane in record.panes}
+        self._requests: dict = {}           # pane key -> its engine Request, once streaming starts
 
     def updates(self) -> Iterator[RunRecord]:
         keys = list(self._panes)
@@ -111,9 +113,13 @@ class StreamMerger:
             pane.status, pane.message = kind, payload
 
     def _refresh_live_stats(self) -> None:
-        for pane in self._panes.values():
-            if pane.status == "running":
-                pane.stats = self.pool.engine(pane.key).stats()
+        """Each running pane reads its own request's stats (another session may share the engine)."""
+        for key, request in list(self._requests.items()):
+            pane = self._panes[key]
+            if pane.status != "running":
+                continue
+            pane.message = WAITING_FOR_ENGINE if request.is_waiting else ""
+            pane.stats = request.stats()
 
     def _work(self, keys: list[str], all_loaded: threading.Barrier) -> None:
         """Load this worker's engines, wait until every worker has loaded, then stream: a load in one
@@ -149,13 +155,14 @@ class StreamMerger:
         put(("running", key, ""))
         pane = self._panes[key]
         prompt = pane.prompt if pane.prompt is not None else self.record.prompt
-        stream = engine.stream(prompt, self.record.params, cancel=self.stop_event)
+        request = engine.stream(prompt, self.record.params, cancel=self.stop_event)
+        self._requests[key] = request
         try:
-            for event in stream:
+            for event in request:
                 put(("text", key, event.text))
                 if self.stop_event.is_set():
                     break
         finally:
-            stream.close()
-            put(("stats", key, engine.stats()))
+            request.close()
+            put(("stats", key, request.stats()))
         put(("stopped", key, "stopped by the user") if self.stop_event.is_set() else ("done", key, ""))

@@ -221,6 +221,25 @@ class Precision:
 
 
 @runtime_checkable
+class Request(Protocol):
+    """What Engine.stream returns: one request's StreamEvents, and what belongs to that request alone
+    when callers share the engine (engines/variants/streaming.py RequestStream)."""
+    token_ids: list[int]        # the ids this request generated so far
+    is_waiting: bool            # waiting for an engine that is busy with another request
+
+    def __iter__(self) -> Iterator[StreamEvent]: ...
+
+    def __next__(self) -> StreamEvent: ...
+
+    def close(self) -> None:
+        """Cancel the request."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """This request's stats: live while it runs, final once it ended."""
+        ...
+
+
 class Engine(Protocol):
     """What every variant implements. load() is idempotent; unload() returns the memory."""
     name: str
@@ -228,9 +247,13 @@ class Engine(Protocol):
     def load(self, progress: ProgressCallback | None = None) -> None: ...
 
     def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[StreamEvent]: ...
+               cancel: threading.Event | None = None) -> Request:
+        """Checks the prompt and parameters now (EngineError); generation starts at the first next()."""
+        ...
 
-    def stats(self) -> EngineStats: ...
+    def stats(self) -> EngineStats:
+        """The newest request's stats (one caller's view; callers that share an engine ask their Request)."""
+        ...
 
     def unload(self) -> None: ...
 

@@ -223,11 +223,12 @@ def run_requests(engine, prompts: list, params: GenerationParams, arrival_offset
         if delay > 0:
             time.sleep(delay)
         chunks = []
-        for event in engine.stream(prompt, params):
+        request = engine.stream(prompt, params)
+        for event in request:
             chunks.append((time.perf_counter() - started - arrival, event.num_tokens))
         ends.append(time.perf_counter() - started)
         records.append(RequestRecord.from_chunks(arrival, chunks))
-        peak = engine.stats().kv_peak_used_frac
+        peak = request.stats().kv_peak_used_frac
         kv_peak = peak if kv_peak is None or (peak is not None and peak > kv_peak) else kv_peak
     return records, time.perf_counter() - started, "sequential", kv_peak
 

@@ -185,6 +185,7 @@ def judge(agreement: float | None, perplexity: float | None, ratio: float | None
 
 
 def _greedy_ids(engine: Scoring, prompt: str, num_tokens: int) -> list[int]:
-    for _ in engine.stream(prompt, GenerationParams(max_new_tokens=num_tokens)):
+    request = engine.stream(prompt, GenerationParams(max_new_tokens=num_tokens))
+    for _ in request:
         pass
-    return list(engine.last_token_ids)[:num_tokens]
+    return list(request.token_ids)[:num_tokens]

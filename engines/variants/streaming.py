@@ -13,7 +13,10 @@ Invariants:
 - Stop is seen within POLL_S even when nothing arrives (a silent server): the consumer waits on the
   queue in POLL_S slices and checks `cancel` between them; closing the iterator does the same;
 - the lock is held from submit to finish, so one request's stats are never another's. A request
-  that finds the engine busy waits its turn (cancellable); `wait_s` in the stats says how long.
+  that finds the engine busy waits its turn (cancellable); `wait_s` in the stats says how long, and
+  its RequestStream says `is_waiting` meanwhile, which the app shows as "waiting for the engine";
+- `stream_request` returns a RequestStream whose stats() and token_ids are that request's own, so
+  callers that share an engine (two browser sessions, a session and an API client) read their own.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from engines.protocol import EngineError, StreamEvent, describe_error
+from engines.protocol import EngineError, EngineStats, StreamEvent, describe_error
 
 POLL_S = 0.05
 _END = object()
@@ -78,15 +81,65 @@ def acquire_turn(lock: threading.Lock, cancel: threading.Event | None) -> bool:
     return True
 
 
+class RequestStream:
+    """One request: an iterator of its StreamEvents that also answers for this request alone, however
+    many callers share the engine. `stats()` is this request's (live while it runs, frozen when it ends,
+    so a request that starts next on the same engine cannot overwrite it), `token_ids` its generated
+    ids, and `is_waiting` is True while it waits for an engine busy with another request."""
+
+    def __init__(self, recorder, token_ids: list[int]):
+        self.token_ids = token_ids
+        self.is_waiting = False
+        self._recorder = recorder
+        self._final_stats: EngineStats | None = None
+        self._events: Iterator[StreamEvent] | None = None
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Cancel the request (as closing a generator does); its stats stay readable."""
+        self._events.close()
+
+    def stats(self) -> EngineStats:
+        if self._final_stats is not None:
+            return self._final_stats
+        if self.is_waiting:  # the recorder is still the request's ahead of this one
+            return EngineStats(engine=self._recorder.engine)
+        return self._recorder.snapshot()
+
+
 def stream_request(*, name: str, recorder, start: Starter, max_new_tokens: int, num_prompt_tokens: int = 0,
                    lock: threading.Lock | None = None, cancel: threading.Event | None = None,
                    token_ids: list[int] | None = None, detokenizer: Detokenizer | None = None,
-                   abort: Callable[[], None] | None = None, join_timeout_s: float = 60.0) -> Iterator[StreamEvent]:
-    """Run one request and yield its events. `token_ids` (if given) receives every generated id;
-    `abort` is called on cancellation to unblock work that `stop` alone cannot reach (an HTTP read)."""
+                   abort: Callable[[], None] | None = None, join_timeout_s: float = 60.0) -> RequestStream:
+    """The RequestStream of one request; nothing runs until it is first iterated. `token_ids` (if given)
+    receives every generated id; `abort` is called on cancellation to unblock work that `stop` alone
+    cannot reach (an HTTP read)."""
+    request = RequestStream(recorder, token_ids if token_ids is not None else [])
+    request._events = _events(request, name=name, recorder=recorder, start=start, max_new_tokens=max_new_tokens,
+                              num_prompt_tokens=num_prompt_tokens, lock=lock, cancel=cancel,
+                              detokenizer=detokenizer, abort=abort, join_timeout_s=join_timeout_s)
+    return request
+
+
+def _events(request: RequestStream, *, name: str, recorder, start: Starter, max_new_tokens: int,
+            num_prompt_tokens: int, lock: threading.Lock | None, cancel: threading.Event | None,
+            detokenizer: Detokenizer | None, abort: Callable[[], None] | None,
+            join_timeout_s: float) -> Iterator[StreamEvent]:
+    token_ids = request.token_ids
     waited_from = time.perf_counter()
-    if lock is not None and not acquire_turn(lock, cancel):
-        return
+    if lock is not None:
+        request.is_waiting = lock.locked()
+        if not acquire_turn(lock, cancel):
+            request.is_waiting = False
+            request._final_stats = EngineStats(engine=name, finish_reason="cancelled",
+                                               wait_s=time.perf_counter() - waited_from)
+            return
+        request.is_waiting = False
     items: queue.Queue = queue.Queue()
     stop = threading.Event()
     future: Future | None = None
@@ -107,8 +160,7 @@ def stream_request(*, name: str, recorder, start: Starter, max_new_tokens: int, 
             if item is _END:
                 break
             explicit_reason = item.finish_reason or explicit_reason
-            if token_ids is not None:
-                token_ids.extend(item.token_ids)
+            token_ids.extend(item.token_ids)
             num_tokens += item.count
             pending += item.count
             text = detokenizer.add(item.token_ids) if item.text is None and detokenizer else (item.text or "")
@@ -134,6 +186,7 @@ def stream_request(*, name: str, recorder, start: Starter, max_new_tokens: int, 
                 abort()
             _wait(future, join_timeout_s)
         recorder.finish(finish_reason)
+        request._final_stats = recorder.snapshot()  # before the lock lets the next request reset the recorder
         if lock is not None:
             lock.release()
 

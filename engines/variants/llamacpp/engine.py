@@ -15,7 +15,6 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from engines.models.sources import resolve_model
 from engines.options import option, parse_options
@@ -27,13 +26,12 @@ from engines.protocol import (
     Precision,
     ProgressCallback,
     Scoring,
-    StreamEvent,
     say,
     validate_prompt,
 )
 from engines.telemetry import GB, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.variants.llamacpp.ladder import LADDER, ensure_rung
-from engines.variants.streaming import Chunk, Detokenizer, start_in_thread, stream_request
+from engines.variants.streaming import Chunk, Detokenizer, RequestStream, start_in_thread, stream_request
 
 TYPES = ("shipped", *LADDER)
 # llama.cpp's default KV cache type is F16.
@@ -111,7 +109,7 @@ class GgufEngine(Scoring):
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
     def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+               cancel: threading.Event | None = None) -> RequestStream:
         if self.llm is None:
             raise EngineError(f"{self.name}: not loaded")
         prompt = validate_prompt(prompt)
@@ -126,11 +124,11 @@ class GgufEngine(Scoring):
         def work(emit, stop):
             self._generate(prompt_ids, params, stop_ids, emit, stop)
 
-        yield from stream_request(name=self.name, recorder=self.recorder,
-                                  start=start_in_thread(f"{self.name}-decode", work),
-                                  max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
-                                  lock=self._lock, cancel=cancel, token_ids=token_ids,
-                                  detokenizer=Detokenizer(_Tokenizer(self.llm)))
+        return stream_request(name=self.name, recorder=self.recorder,
+                              start=start_in_thread(f"{self.name}-decode", work),
+                              max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
+                              lock=self._lock, cancel=cancel, token_ids=token_ids,
+                              detokenizer=Detokenizer(_Tokenizer(self.llm)))
 
     def _generate(self, prompt_ids, params: GenerationParams, stop_ids: set[int], emit, stop) -> None:
         import llama_cpp

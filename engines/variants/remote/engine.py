@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from engines.options import parse_options
@@ -27,13 +26,12 @@ from engines.protocol import (
     EngineStats,
     GenerationParams,
     ProgressCallback,
-    StreamEvent,
     validate_prompt,
 )
 from engines.telemetry import GenerationRecorder, MemoryReading
 from engines.variants.remote.http_errors import explain_http_error
 from engines.variants.remote.prometheus import MetricsScraper
-from engines.variants.streaming import Chunk, start_in_thread, stream_request
+from engines.variants.streaming import Chunk, RequestStream, start_in_thread, stream_request
 
 CONNECT_TIMEOUT_S = 5.0
 # Finish reasons (vLLM's FINISH_REASON_STRINGS) that mean the server gave up, not that the text ended.
@@ -118,7 +116,7 @@ class RemoteEngine:
                                            sample_interval_s=0.5)
 
     def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+               cancel: threading.Event | None = None) -> RequestStream:
         if self.client is None:
             raise EngineError(f"{self.name}: not loaded")
         prompt = validate_prompt(prompt)
@@ -137,10 +135,10 @@ class RemoteEngine:
             for response in responses:
                 response.close()
 
-        yield from stream_request(name=self.name, recorder=self.recorder,
-                                  start=start_in_thread(f"{self.name}-http", work),
-                                  max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel, abort=abort,
-                                  join_timeout_s=0.2)
+        return stream_request(name=self.name, recorder=self.recorder,
+                              start=start_in_thread(f"{self.name}-http", work),
+                              max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel, abort=abort,
+                              join_timeout_s=0.2)
 
     def _api_for(self, prompt: "str | ChatPrompt") -> str:
         """A chat prompt always goes to /v1/chat/completions, with the same messages the local engines'

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 from engines.hardware import has_gpu
 from engines.models.catalog import ModelSource, trust_remote_code
@@ -26,12 +25,11 @@ from engines.protocol import (
     Precision,
     ProgressCallback,
     Scoring,
-    StreamEvent,
     describe_error,
     validate_prompt,
 )
 from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
-from engines.variants.streaming import Detokenizer, stream_request
+from engines.variants.streaming import Detokenizer, RequestStream, stream_request
 from engines.variants.transformers import shared_weights
 from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
 from engines.variants.transformers.options import TransformersOptions
@@ -142,7 +140,7 @@ class TransformersEngine(Scoring):
         return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
 
     def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+               cancel: threading.Event | None = None) -> RequestStream:
         if self.model is None:
             raise EngineError(f"{self.name}: not loaded")
         prompt = validate_prompt(prompt)
@@ -162,10 +160,10 @@ class TransformersEngine(Scoring):
             return self._executor.submit(self._run_generate, input_ids, attention_mask, params, streamer, stop,
                                          stop_ids)
 
-        yield from stream_request(name=self.name, recorder=self.recorder, start=start,
-                                  max_new_tokens=params.max_new_tokens, num_prompt_tokens=num_prompt_tokens,
-                                  lock=self._lock, cancel=cancel, token_ids=token_ids,
-                                  detokenizer=Detokenizer(self.tokenizer))
+        return stream_request(name=self.name, recorder=self.recorder, start=start,
+                              max_new_tokens=params.max_new_tokens, num_prompt_tokens=num_prompt_tokens,
+                              lock=self._lock, cancel=cancel, token_ids=token_ids,
+                              detokenizer=Detokenizer(self.tokenizer))
 
     def _run_generate(self, input_ids, attention_mask, params, streamer, stop_event, stop_ids=None) -> None:
         """Runs in the engine's worker thread; an exception reaches stream() through the future."""

@@ -20,7 +20,6 @@ import json
 import os
 import threading
 import time
-from typing import Iterator
 
 from engines.hardware import has_gpu
 from engines.models.catalog import ModelSource, trust_remote_code
@@ -35,12 +34,11 @@ from engines.protocol import (
     Precision,
     ProgressCallback,
     Scoring,
-    StreamEvent,
     describe_error,
     validate_prompt,
 )
 from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
-from engines.variants.streaming import stream_request
+from engines.variants.streaming import RequestStream, stream_request
 from engines.variants.vllm.requests import (
     RequestTiming,
     arrivals_timed,
@@ -158,7 +156,7 @@ class VllmEngine(Scoring, Batching):
         return prompt_ids
 
     def stream(self, prompt: "str | ChatPrompt", params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+               cancel: threading.Event | None = None) -> RequestStream:
         """Requests run concurrently (vLLM batches them); each has its own recorder, and stats() reads the
         newest request's."""
         if self._llm is None:
@@ -177,9 +175,9 @@ class VllmEngine(Scoring, Batching):
                 produce_deltas(self._llm, self.name, prompt_ids, self._sampling_params(params, **stops), recorder,
                                emit), self._loop)
 
-        yield from stream_request(name=self.name, recorder=recorder, start=start,
-                                  max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
-                                  cancel=cancel, token_ids=token_ids, join_timeout_s=10.0)
+        return stream_request(name=self.name, recorder=recorder, start=start,
+                              max_new_tokens=params.max_new_tokens, num_prompt_tokens=len(prompt_ids),
+                              cancel=cancel, token_ids=token_ids, join_timeout_s=10.0)
 
     def run_concurrent(self, prompts: list[str], params: GenerationParams) -> list[RequestTiming]:
         """Submit every prompt at once (continuous batching) and time each request from that moment."""

@@ -25,6 +25,10 @@ from engines.protocol import EngineError, GenerationParams
 from engines.registry import create_engine, list_engines
 from engines.variants.remote.prometheus import MetricsDelta, parse_metrics
 from tests.conftest import free_loopback_port, run_stream
+from tests.contract import (
+    check_bad_parameters_raise_a_clear_engine_error,
+    check_closing_the_stream_cancels_it_within_about_a_token,
+)
 
 SERVED_NAME = "gemma-3-270m"
 STARTUP_LIMIT_S = 420
@@ -100,6 +104,12 @@ def test_streams_with_server_token_counts(remote_engine):
     assert 0 < stats.itl_ms_p50 <= stats.itl_ms_p95
     assert stats.num_preemptions == 0
     assert stats.memory_gb is None and stats.memory_kind == "remote: not measured"
+
+
+def test_remote_meets_the_stream_contract(remote_engine):
+    """The contract's stream checks (remote declares no Scoring: the server's token ids are not seen)."""
+    check_closing_the_stream_cancels_it_within_about_a_token(remote_engine)
+    check_bad_parameters_raise_a_clear_engine_error(remote_engine)
 
 
 def test_kv_usage_is_sampled_from_metrics_while_the_request_runs(remote_engine):

@@ -20,6 +20,7 @@ from engines.protocol import EngineError, EngineUnavailable, GenerationParams
 from engines.registry import SPECS, create_engine, unavailable_reason
 from engines.telemetry import process_tree_pids
 from tests.conftest import VLLM_TEST_OPTIONS, run_stream
+from tests.contract import check_contract
 
 pytest.importorskip("vllm")
 
@@ -121,7 +122,7 @@ def test_load_at_concurrency_8_beats_concurrency_1(vllm_engine):
     assert eight_tok_s > BATCHING_GAIN_BOUND * single_tok_s, (single_tok_s, eight_tok_s)
 
 
-def test_fp8_kv_follows_this_cpus_features(vllm_engine):
+def test_fp8_kv_follows_this_cpus_features():
     import torch
     has_avx512_or_amx = bool({"avx512f", "amx_tile"} & cpu_flags())
     # The registry reads /proc/cpuinfo; vLLM asks torch. Both must agree on this machine.
@@ -130,18 +131,31 @@ def test_fp8_kv_follows_this_cpus_features(vllm_engine):
         assert "AVX-512" in unavailable_reason(SPECS["vllm-fp8kv"])
         with pytest.raises(EngineUnavailable, match="AVX-512 or AMX"):
             create_engine("vllm-fp8kv")
-        return
-    assert unavailable_reason(SPECS["vllm-fp8kv"]) is None
+    else:
+        assert unavailable_reason(SPECS["vllm-fp8kv"]) is None
+
+
+@pytest.fixture(scope="module")
+def vllm_fp8kv_engine():
+    reason = unavailable_reason(SPECS["vllm-fp8kv"])
+    if reason:
+        pytest.skip(f"vllm-fp8kv cannot run here: {reason}")
     engine = create_engine("vllm-fp8kv", **VLLM_TEST_OPTIONS)
     engine.load()
-    try:
-        text, events, stats = run_stream(engine, PROMPT, max_new_tokens=16)
-        assert stats.num_tokens == 16 and text.strip()
-        # Same memory, one byte per value instead of two: about twice the blocks.
-        ratio = stats.kv_blocks_total / vllm_engine.kv_stats()["kv_blocks_total"]
-        assert 1.9 <= ratio <= 2.1, ratio
-    finally:
-        engine.unload()
+    yield engine
+    engine.unload()
+
+
+def test_fp8_kv_holds_about_twice_the_blocks(vllm_engine, vllm_fp8kv_engine):
+    text, events, stats = run_stream(vllm_fp8kv_engine, PROMPT, max_new_tokens=16)
+    assert stats.num_tokens == 16 and text.strip()
+    # Same memory, one byte per value instead of two: about twice the blocks.
+    ratio = stats.kv_blocks_total / vllm_engine.kv_stats()["kv_blocks_total"]
+    assert 1.9 <= ratio <= 2.1, ratio
+
+
+def test_vllm_fp8kv_meets_the_engine_contract(vllm_fp8kv_engine):
+    check_contract(vllm_fp8kv_engine)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +193,10 @@ def test_speculation_accepts_drafts_on_a_repetitive_prompt(vllm_engine, vllm_spe
     assert max(event.num_tokens for event in events) > 1
     # The other engine's stat logger saw none of this.
     assert vllm_engine.kv_stats() == kv_before and "num_drafts" not in kv_before
+
+
+def test_vllm_spec_meets_the_engine_contract(vllm_spec_engine):
+    check_contract(vllm_spec_engine)
 
 
 def test_unload_ends_the_engine_core_processes(vllm_spec_engine):

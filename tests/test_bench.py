@@ -17,8 +17,9 @@ from engines.registry import create_engine, list_engines, split_variant
 
 MAX_NEW_TOKENS = 8
 AVAILABLE = {row["name"] for row in list_engines() if row["is_available"]}
-# The second engine: a quantized one when it exists here, else the speculative one (both real engines).
-SECOND_ENGINE = next(name for name in ("nf4", "int8", "spec", "bf16-compiled") if name in AVAILABLE)
+# The second engine: llama.cpp on the shipped GGUF when it is installed (issue 15: its row beside bf16's),
+# else a quantized one, else the speculative one (all real engines).
+SECOND_ENGINE = next(name for name in ("gguf", "nf4", "int8", "spec", "bf16-compiled") if name in AVAILABLE)
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
               "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
               "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
@@ -58,7 +59,7 @@ def test_bench_numbers_are_positive(cli_bench):
     assert [row["engine"] for row in ran] == ["bf16", SECOND_ENGINE]
     for row in ran:
         for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_s", "encode_peak_gb", "generate_peak_gb",
-                    "roofline_tok_s", "roofline_frac", "read_per_token_gb"):
+                    "weight_footprint_gb", "roofline_tok_s", "roofline_frac", "read_per_token_gb"):
             assert row[key] > 0, (row["engine"], key)
         assert 1 <= row["num_tokens"] <= MAX_NEW_TOKENS
         assert row["prefill_tokens"] >= 96
@@ -68,6 +69,13 @@ def test_bench_numbers_are_positive(cli_bench):
     assert bf16["greedy_agreement"] == 1.0 and bf16["perplexity"] > 1, bf16
     assert bf16["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3), bf16
     assert 0 <= second["greedy_agreement"] <= 1 and second["perplexity"] > 1, second
+    if SECOND_ENGINE == "gguf":  # the shipped Q4_K_M file is far smaller than the BF16 weights
+        from engines.models.sources import resolve_model
+        file_gib = resolve_model().gguf_path.stat().st_size / 2**30
+        assert second["weight_footprint_gb"] == pytest.approx(file_gib)
+        assert second["weight_footprint_gb"] < 0.6 * bf16["weight_footprint_gb"]
+        ratio = second["decode_tok_s"] / bf16["decode_tok_s"]
+        print(f"\ngguf against bf16 in one bench run: {ratio:.2f}x decode tok/s")
 
 
 def test_dummy_weights_bench_generates_exactly_n_tokens(tmp_path):

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-# Second pane: a different engine where one exists, cheapest first; bf16 with eager attention otherwise.
-SECOND_ENGINE_PREFERENCE = ("spec", "nf4", "int8", "gptq-int4")
+# Second pane: llama.cpp on the GGUF beside bf16 (issue 15) where it is installed, else another engine,
+# cheapest first; bf16 with eager attention otherwise.
+SECOND_ENGINE_PREFERENCE = ("gguf", "spec", "nf4", "int8", "gptq-int4")
 STARTUP_TIMEOUT_S = 120
 RUN_TIMEOUT_MS = 300_000
 

@@ -22,7 +22,14 @@ from engines.measure.roofline import decode_roofline, measure_bandwidth
 from engines.models.catalog import DUMMY_PREFIX, trust_remote_code
 from engines.models.dummy import is_token_id_in_vocab, materialize_weights
 from engines.models.sources import load_shape, resolve_model
-from engines.protocol import EngineError, EngineUnavailable, GenerationParams, ProgressCallback, describe_error
+from engines.protocol import (
+    EngineError,
+    EngineUnavailable,
+    GenerationParams,
+    ProgressCallback,
+    Scoring,
+    describe_error,
+)
 from engines.registry import create_engine, get_spec, split_variant, unavailable_reason
 from engines.telemetry import GB
 
@@ -169,6 +176,7 @@ def _bench_engine(label, config, source, short_prompt, long_prompt, shape, bandw
         started = time.perf_counter()
         engine.load(progress=say)
         row.load_s = time.perf_counter() - started
+        row.weight_footprint_gb = engine.weight_footprint_gb() if isinstance(engine, Scoring) else None
         _generate(engine, short_prompt, config.warmup_tokens, device)
         encode = _generate(engine, long_prompt, 1, device)
         row.prefill_tokens, row.prefill_s = encode.num_prompt_tokens, encode.ttft_s

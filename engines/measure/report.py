@@ -36,22 +36,24 @@ def to_markdown(result: BenchResult) -> str:
               "memory in GiB (2^30 bytes).")
     lines = [header, "",
              "| engine | status | load s | TTFT s | decode tok/s | tokens | prefill s (P) | encode peak GiB "
-             "| generate peak GiB | roofline tok/s | % of roofline | greedy agreement | perplexity | ppl ratio "
-             "| note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| generate peak GiB | weights GiB | roofline tok/s | % of roofline | greedy agreement | perplexity "
+             "| ppl ratio | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result.rows:
         if row.status != "ok":
-            lines.append(f"| {row.engine} | {row.status}: {row.reason.replace('|', '/')} |" + " |" * 13)
+            lines.append(f"| {row.engine} | {row.status}: {row.reason.replace('|', '/')} |" + " |" * 14)
             continue
         lines.append(
             f"| {row.engine} | ok | {_number(row.load_s, 1)} | {_number(row.ttft_s, 3)} "
             f"| {_number(row.decode_tok_s, 1)} "
             f"| {row.num_tokens} | {_number(row.prefill_s, 3)} ({row.prefill_tokens}) | {_number(row.encode_peak_gb)} "
-            f"| {_number(row.generate_peak_gb)} | {_number(row.roofline_tok_s, 1)} "
+            f"| {_number(row.generate_peak_gb)} | {_number(row.weight_footprint_gb, 3)} "
+            f"| {_number(row.roofline_tok_s, 1)} "
             f"| {_number(row.roofline_frac, 1, 100, '%')} | {_number(row.greedy_agreement, 3)} "
             f"| {_number(row.perplexity, 2)} | {_number(row.perplexity_ratio, 3)} | {row.quality_note} |")
     memory_kinds = sorted({row.memory_kind for row in result.rows if row.memory_kind})
-    lines += ["", f"Memory is {', '.join(memory_kinds) or 'not measured'} (GiB) of the engine's process tree."]
+    lines += ["", f"Memory is {', '.join(memory_kinds) or 'not measured'} (GiB) of the engine's process tree. "
+              "Weights are the engine's own footprint of its weights (for GGUF, the file it maps)."]
     if result.config.is_profiled:
         lines += ["", "Profile (one more run under torch.profiler, per generated token):", "",
                   "| engine | launches | CPU ms | device ms | counted |", "|---|---|---|---|---|"]

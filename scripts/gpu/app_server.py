@@ -1,4 +1,6 @@
-"""`python -m app`, unchanged, plus what the GPU driver (scripts/gpu/h200.py) needs to measure it from outside:
+"""`python -m app`, unchanged, plus per-engine options and three measuring endpoints (the driver's app step).
+
+What scripts/gpu/driver.py's `app` step needs to measure the page from outside:
 
 - per-engine options for the picker's entries (`--engine-options '{"vllm": {"gpu_memory_utilization": 0.12}}'`):
   the page has no option path, and several vLLM engines on one GPU need their memory shares;
@@ -11,7 +13,7 @@
   /unload_engine(key): unload one engine (vLLM unload memory, measured by the driver with NVML).
 
     python3 scripts/gpu/app_server.py --engine-options JSON -- --port 7861 --max-panes 12
-Everything after `--` goes to `python -m app` as it is.
+Everything after `--` goes to `python -m app` as it is (`-- --help` shows its options).
 """
 
 from __future__ import annotations
@@ -24,10 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-# scripts/gpu/ holds a vllm.py: this folder must leave sys.path, or `import vllm` would import that script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 STAMPS: list[list] = []
 STAMPS_LOCK = threading.Lock()
@@ -45,20 +44,36 @@ def with_options(build_choices, extra: dict):
     return build
 
 
+class StampedRequest:
+    """An engine's Request (engines.protocol) whose every event also records the engine's own stamp of its
+    latest tokens; everything else (token_ids, is_waiting, close, stats) is the request's own."""
+
+    def __init__(self, key: str, engine, request):
+        self.key, self.engine, self.request = key, engine, request
+        self.num_chars = 0
+
+    def __iter__(self) -> "StampedRequest":
+        return self
+
+    def __next__(self):
+        event = next(self.request)
+        self.num_chars += len(event.text)
+        chunks = getattr(getattr(self.engine, "recorder", None), "_chunk_times", None)
+        stamp_s = chunks[-1][0] if chunks else time.perf_counter()
+        with STAMPS_LOCK:
+            STAMPS.append([self.key, stamp_s, self.num_chars, event.num_tokens])
+        return event
+
+    def __getattr__(self, name: str):
+        return getattr(self.request, name)
+
+
 def stamped(key: str, engine):
-    """Wrap the engine's stream() so each event records the engine's own stamp of its latest tokens."""
+    """Wrap the engine's stream() so that its requests stamp their events."""
     inner = engine.stream
 
-    def stream(prompt, params):
-        chars = 0
-        for event in inner(prompt, params):
-            chars += len(event.text)
-            recorder = getattr(engine, "recorder", None)
-            chunks = getattr(recorder, "_chunk_times", None)
-            stamp = chunks[-1][0] if chunks else time.perf_counter()
-            with STAMPS_LOCK:
-                STAMPS.append([key, stamp, chars, event.num_tokens])
-            yield event
+    def stream(prompt, params, cancel=None):
+        return StampedRequest(key, engine, inner(prompt, params, cancel=cancel))
 
     engine.stream = stream
     engine._stamped = True
@@ -91,9 +106,10 @@ def install(extra_options: dict) -> None:
 
             found = pool.engine(key)
             # The class's own stream(), not the stamping wrapper: the engine as a script would call it.
-            for _ in type(found).stream(found, prompt, GenerationParams(max_new_tokens=int(max_new_tokens))):
+            request = type(found).stream(found, prompt, GenerationParams(max_new_tokens=int(max_new_tokens)))
+            for _ in request:
                 pass
-            return json.dumps(found.stats().to_dict())
+            return json.dumps(request.stats().to_dict())
 
         def token_stamps() -> str:
             with STAMPS_LOCK:
@@ -117,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     app_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--engine-options", default="{}", help="JSON: pane key -> engine options")
     args = parser.parse_args(own)
     install(json.loads(args.engine_options))

@@ -25,12 +25,13 @@ from app.export import summary_rows, write_run_files
 from app.inputs import chat_histories, flag, model_name, names, one_of, real_number, text_of, whole_number
 from app.session import EnginePool, RunControls, model_choices
 from app.streaming import MODES, PaneResult, RunRecord, StreamMerger
-from engines.protocol import EngineError, GenerationParams, describe_error, validate_prompt
+from engines.protocol import EngineError, GenerationParams, Scoring, describe_error, validate_prompt
 
 if TYPE_CHECKING:
     from app.layout import PlaygroundPage
 
 REFERENCE_ENGINE = "bf16"
+RACE = "race"           # the race view's key in PlaygroundPage.charts
 LIVE_STATUSES = ("waiting", "loading", "running")
 TEMPERATURE_MAX = 2.0   # the page's slider; the engines accept up to 5
 SEED_LIMIT = 2 ** 63     # GenerationParams.validate: 0 <= seed < 2**63
@@ -381,16 +382,51 @@ class Playground:
         page = self.page
         updates = {page.status: text.run_status(record), page.record: record,
                    page.loaded: text.loaded_summary(self.pool.loaded_keys())}
+        reports = self._divergences(record)
         for pane, title, body, metrics in zip(record.panes, page.titles, page.texts, page.metrics):
             updates[title] = text.pane_title(pane.label, pane.key, pane.status, record.model)
-            updates[body] = pane.text
+            updates[body] = charts.mark_divergence(pane.text, reports.get(pane.key))
             updates[metrics] = text.pane_metrics_html(pane.stats, pane.message, pane.status)
         if with_charts:
             for name, figure in charts.run_figures(record.panes).items():
                 updates[page.charts[name]] = figure
+            updates[page.charts[RACE]] = charts.race_figure(record.panes, reports, record.mode, REFERENCE_ENGINE,
+                                                            record.margins)
         if record.is_finished and not record.is_load_only:
             updates[page.summary] = self._summary(record)
+            if record.margins is None:
+                record.margins = self._margins(record, reports)
+            updates[page.race] = charts.race_summary(record.panes, reports, REFERENCE_ENGINE, record.margins,
+                                                     record.params.is_greedy)
         return updates
+
+    def _divergences(self, record: RunRecord) -> dict:
+        """Each pane's divergence from the bf16 pane's greedy tokens (none unless greedy, with a bf16 pane)."""
+        if record.is_load_only or not record.params.is_greedy:
+            return {}
+        panes = [pane for pane in record.panes if pane.token_ids]
+        decode = {pane.key: engine.decode for pane in panes
+                  if self.pool.is_loaded(pane.key) and isinstance(engine := self.pool.engine(pane.key), Scoring)}
+        return charts.divergences(panes, {pane.key: pane.token_ids for pane in panes}, REFERENCE_ENGINE, decode,
+                                  is_complete=record.is_finished)
+
+    def _margins(self, record: RunRecord, reports: dict) -> dict:
+        """The top-2 logit margin at each divergence, from the engines that expose logits (once per run)."""
+        from engines.measure.divergence import top2_margin
+        margins = {}
+        for pane in record.panes:
+            report = reports.get(pane.key)
+            if report is None or report.divergence_index is None or not self.pool.is_loaded(pane.key):
+                continue
+            try:
+                margin = top2_margin(self.pool.engine(pane.key), pane.prompt if pane.prompt is not None
+                                     else record.prompt, pane.token_ids, report.divergence_index)
+            except Exception as error:  # the race summary stands without this pane's margin
+                print(f"[race] top-2 margin of {pane.key}: {describe_error(error)}", file=sys.stderr)
+                continue
+            if margin is not None:
+                margins[pane.key] = margin
+        return margins
 
     def _summary(self, record: RunRecord):
         return text.summary_table(summary_rows(record))

@@ -18,7 +18,15 @@ from pathlib import Path
 import gradio as gr
 
 from app import bench_tab, charts, kv_tab, load_tab, survey_tab, text
-from app.callbacks import PROMPT_KINDS, SEED_LIMIT, SYSTEM_MAX_CHARS, TEMPERATURE_MAX, Playground, default_prompt_kind
+from app.callbacks import (
+    PROMPT_KINDS,
+    RACE,
+    SEED_LIMIT,
+    SYSTEM_MAX_CHARS,
+    TEMPERATURE_MAX,
+    Playground,
+    default_prompt_kind,
+)
 from app.hosting import on_zero_gpu
 from app.session import model_choices
 from app.streaming import MODES, PARALLEL
@@ -41,7 +49,8 @@ class PlaygroundPage:
     titles: list           # gr.Markdown per pane
     texts: list            # gr.Textbox per pane
     metrics: list          # gr.HTML per pane
-    charts: dict           # gr.Plot by app/charts.run_figures name: tokens_per_second, memory, kv_blocks
+    charts: dict           # gr.Plot by app/charts.run_figures name (tokens_per_second, memory, kv_blocks), and race
+    race: gr.Markdown      # where each pane parts from bf16's greedy tokens, after the run
     summary: gr.Dataframe
     export_files: gr.File
     export_note: gr.Markdown
@@ -55,7 +64,7 @@ class PlaygroundPage:
     def run_outputs(self) -> list:
         """What run, load and after_stop may update."""
         return [self.status, self.record, self.loaded, *self.titles, *self.texts, *self.metrics,
-                *self.charts.values(), self.summary, self.histories, self.plan]
+                *self.charts.values(), self.race, self.summary, self.histories, self.plan]
 
     @property
     def select_outputs(self) -> list:
@@ -152,6 +161,9 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
                  for (name, figure), (element, label) in zip(charts.run_figures([]).items(),
                                                              (("tokens", "tokens/s"), ("memory", "memory"),
                                                               ("kv", "KV blocks")))}
+    with gr.Row(elem_id="race-row"):
+        plots[RACE] = gr.Plot(charts.race_figure([]), label="race", show_label=False, elem_id="chart-race")
+        race = gr.Markdown("", elem_id="race-summary")
     summary = gr.Dataframe(headers=text.SUMMARY_HEADERS, label="Summary (after the run)", interactive=False,
                            wrap=True, column_widths=SUMMARY_COLUMN_WIDTHS, elem_id="summary")
     with gr.Row(elem_id="export-row"):
@@ -160,9 +172,9 @@ def _build_playground(demo: gr.Blocks, playground: Playground) -> None:
     export_files = gr.File(label="Exported files", file_count="multiple", interactive=False, visible=False,
                            elem_id="export-files")
     page = PlaygroundPage(status=status, record=gr.State(None), loaded=loaded, columns=columns, titles=titles,
-                          texts=texts, metrics=metrics, charts=plots, summary=summary, export_files=export_files,
-                          export_note=export_note, histories=gr.State({}), model_info=model_info,
-                          prompt_kind=prompt_kind, plan=plan, preload_timer=gr.Timer(1.0))
+                          texts=texts, metrics=metrics, charts=plots, race=race, summary=summary,
+                          export_files=export_files, export_note=export_note, histories=gr.State({}),
+                          model_info=model_info, prompt_kind=prompt_kind, plan=plan, preload_timer=gr.Timer(1.0))
     playground.attach(page)
 
     # Unchecked inputs on every event (see the module docstring); engine events share one queue slot.

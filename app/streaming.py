@@ -36,6 +36,7 @@ class PaneResult:
     stats: EngineStats | None = None
     quality: dict | None = None
     prompt: object = None       # this pane's own ChatPrompt in chat mode (its own history); else the record's
+    token_ids: list[int] = field(default_factory=list)   # this pane's own request's generated ids (race view)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RunRecord:
     panes: list[PaneResult]
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     is_finished: bool = False
+    margins: dict | None = None  # pane key -> top-2 margin at its divergence (TopTwo), once the run finished
 
     @property
     def is_load_only(self) -> bool:
@@ -109,6 +111,8 @@ class StreamMerger:
             pane.text += payload
         elif kind == "stats":
             pane.stats = payload
+        elif kind == "ids":
+            pane.token_ids = payload
         else:
             pane.status, pane.message = kind, payload
 
@@ -120,6 +124,7 @@ class StreamMerger:
                 continue
             pane.message = WAITING_FOR_ENGINE if request.is_waiting else ""
             pane.stats = request.stats()
+            pane.token_ids = list(request.token_ids)
 
     def _work(self, keys: list[str], all_loaded: threading.Barrier) -> None:
         """Load this worker's engines, wait until every worker has loaded, then stream: a load in one
@@ -165,4 +170,5 @@ class StreamMerger:
         finally:
             request.close()
             put(("stats", key, request.stats()))
+            put(("ids", key, list(request.token_ids)))
         put(("stopped", key, "stopped by the user") if self.stop_event.is_set() else ("done", key, ""))

@@ -122,6 +122,13 @@ def test_parallel_run_streams_both_engines_into_their_own_panes(playground, bf16
     assert not kv_chart.data  # no paged engine in this run; the chart says so instead of drawing zeros
     summary = final[playground.page.summary]
     assert [row[0] for row in summary] == ["bf16", "spec"] and summary[0][-1] == "n/a"
+    # The race view: both panes on one clock; lossless speculation never parts from bf16's greedy tokens.
+    assert bf16_pane.token_ids == spec_pane.token_ids and len(bf16_pane.token_ids) == bf16_pane.stats.num_tokens
+    race = final[charts["race"]]
+    assert [trace.name for trace in race.data if trace.mode == "lines" and trace.yaxis != "y2"] == \
+        ["BF16 (transformers)", spec_pane.label]
+    assert not [trace for trace in race.data if trace.mode == "markers"]
+    assert final[playground.page.race] == f"- **{spec_pane.label}**: same tokens as bf16 so far (agreement 100%)"
 
 
 def test_fair_mode_runs_one_engine_at_a_time(playground):
@@ -393,3 +400,27 @@ def test_the_model_switcher_checks_the_name_and_unloads_the_old_model():
     assert "unloading" in steps[0][page.status] and unloaded == [True]
     assert pool.model == CHAT_MODEL and pool.loaded_keys() == [] and steps[-1][page.prompt_kind] == "Chat"
     assert CHAT_MODEL in steps[-1][page.model_info]
+
+
+def test_a_pane_that_parts_from_bf16_is_marked_in_its_text_with_the_top2_margin(playground, bf16_engine):
+    """A finished greedy record whose second pane's ids part from bf16's at token 3 (ids made from the real
+    tokenizer, so the text offset is the engine's own decode): its text shows the mark there, and the
+    race summary gives the position and the top-2 margin that the loaded engine computes at it (the chart's
+    marker is tests/test_ui_tabs.py's, on panes with token timings)."""
+    from app.charts import DIVERGENCE_MARK
+    from app.streaming import PaneResult, RunRecord
+    from engines.protocol import GenerationParams
+    reference = bf16_engine.tokenizer(" Paris, the capital of France", add_special_tokens=False).input_ids
+    other = reference[:3] + bf16_engine.tokenizer(" Lyon", add_special_tokens=False).input_ids
+    panes = [PaneResult("bf16", "BF16 (transformers)", "done", bf16_engine.decode(reference), token_ids=reference),
+             PaneResult("spec", "spec", "done", bf16_engine.decode(other), token_ids=other)]
+    record = RunRecord("gemma-3-270m", PROMPT, GenerationParams(max_new_tokens=len(reference)), "parallel", panes,
+                       is_finished=True)
+    updates = playground.render(record, with_charts=True)
+    page = playground.page
+    shown = updates[page.texts[1]]
+    assert shown == bf16_engine.decode(other[:3]) + DIVERGENCE_MARK + shown[len(bf16_engine.decode(other[:3])) + 3:]
+    assert DIVERGENCE_MARK not in updates[page.texts[0]]
+    summary = updates[page.race]
+    assert "parts from bf16 at token 3" in summary and "top-2 margin there" in summary, summary
+    assert record.margins["spec"].position == 3 and record.margins["spec"].margin >= 0

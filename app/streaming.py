@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from app.session import EnginePool
-from engines.protocol import EngineStats, GenerationParams, describe_error
+from engines.protocol import Drafting, EngineStats, GenerationParams, Scoring, describe_error
 
 PARALLEL, FAIR = "parallel", "fair"
 MODES = (PARALLEL, FAIR)
@@ -37,6 +37,8 @@ class PaneResult:
     quality: dict | None = None
     prompt: object = None       # this pane's own ChatPrompt in chat mode (its own history); else the record's
     token_ids: list[int] = field(default_factory=list)   # this pane's own request's generated ids (race view)
+    drafted: list | None = None  # speculative panes, once done: (token text, is an accepted draft) per token
+    draft_note: str = ""         # why a speculative pane shows no per-token drafts
 
 
 @dataclass
@@ -113,6 +115,8 @@ class StreamMerger:
             pane.stats = payload
         elif kind == "ids":
             pane.token_ids = payload
+        elif kind == "drafted":
+            pane.drafted, pane.draft_note = payload
         else:
             pane.status, pane.message = kind, payload
 
@@ -171,4 +175,24 @@ class StreamMerger:
             request.close()
             put(("stats", key, request.stats()))
             put(("ids", key, list(request.token_ids)))
+            put(("drafted", key, drafted_pieces(engine, request)))
         put(("stopped", key, "stopped by the user") if self.stop_event.is_set() else ("done", key, ""))
+
+
+AGGREGATE_ONLY = ("accepted drafts: aggregate counts only. vLLM counts them per scheduler step across all "
+                  "requests (SpecDecodingStats); its request outputs carry no per-request draft counts")
+
+
+def drafted_pieces(engine, request) -> tuple[list | None, str]:
+    """(token text, is an accepted draft) per token of a speculative engine's request, or why there is none."""
+    if not isinstance(engine, Drafting):
+        return None, AGGREGATE_ONLY if request.stats().acceptance_rate is not None else ""
+    flags, ids = engine.accepted_draft_flags(), list(request.token_ids)
+    if not isinstance(engine, Scoring) or len(flags) != len(ids):
+        return None, f"accepted drafts: {len(flags)} counted for {len(ids)} tokens; not shown"
+    pieces, previous = [], ""
+    for end in range(1, len(ids) + 1):
+        text = engine.decode(ids[:end])
+        pieces.append((text[len(previous):], flags[end - 1]))
+        previous = text
+    return pieces, ""

@@ -67,8 +67,22 @@ def _metric(name: str, caption: str, value: str) -> str:
             f'<span class="metric-value" data-metric="{name}">{html.escape(value)}</span></div>')
 
 
-def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str = "waiting") -> str:
-    """The pane's live numbers; KV blocks and acceptance appear only for engines that have them."""
+def draft_map_html(drafted: list[tuple[str, bool]] | None, note: str = "") -> str:
+    """A speculative pane's text again, accepted drafts shaded (token by token), or the note saying why not."""
+    if drafted:
+        num_drafted = sum(is_draft for _, is_draft in drafted)
+        spans = "".join(f'<span class="drafted">{html.escape(piece)}</span>' if is_draft else html.escape(piece)
+                        for piece, is_draft in drafted)
+        caption = (f"{num_drafted} of {len(drafted)} tokens were accepted drafts (shaded); the rest are the "
+                   f"target model's own")
+        return f'<div class="draft-map"><span class="draft-caption">{caption}</span>{spans}</div>'
+    return f'<div class="pane-note">{html.escape(note)}</div>' if note else ""
+
+
+def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str = "waiting",
+                      draft_map: str = "") -> str:
+    """The pane's live numbers; KV blocks and acceptance appear only for engines that have them;
+    `draft_map` (draft_map_html) below them for a finished speculative pane."""
     stats = stats or EngineStats(engine="")
     metrics = [
         _metric("ttft_s", "TTFT", number(stats.ttft_s, 3, " s")),
@@ -85,7 +99,7 @@ def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str 
     if message:
         note_class = "pane-error" if status == "error" else "pane-note"
         note = f'<div class="{note_class}">{html.escape(message)}</div>'
-    return f'<div class="metrics">{"".join(metrics)}</div>{note}'
+    return f'<div class="metrics">{"".join(metrics)}</div>{note}{draft_map}'
 
 
 def run_status(record, is_stopped: bool = False) -> str:

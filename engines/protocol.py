@@ -278,6 +278,22 @@ class Scoring(ABC):
         """The text of these ids as the engine's own stream shows it (special tokens skipped)."""
 
 
+class Drafting(ABC):
+    """A capability declared by subclassing: the engine speculates and knows, for its newest request, how
+    many tokens each verification step streamed (the accepted drafts, then the target's own token)."""
+
+    @abstractmethod
+    def draft_steps(self) -> list[int]:
+        """Tokens per verification step of the newest request, in order (k: k - 1 accepted drafts + 1)."""
+
+    def accepted_draft_flags(self) -> list[bool]:
+        """Per generated token of the newest request: True where it was an accepted draft."""
+        flags: list[bool] = []
+        for num_tokens in self.draft_steps():
+            flags += [True] * (num_tokens - 1) + [False]
+        return flags
+
+
 class Batching(ABC):
     """A capability declared by subclassing: the engine serves many requests at once (continuous
     batching) and reports its KV cache; the load command sends it every request at once."""

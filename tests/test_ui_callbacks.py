@@ -424,3 +424,18 @@ def test_a_pane_that_parts_from_bf16_is_marked_in_its_text_with_the_top2_margin(
     summary = updates[page.race]
     assert "parts from bf16 at token 3" in summary and "top-2 margin there" in summary, summary
     assert record.margins["spec"].position == 3 and record.margins["spec"].margin >= 0
+
+
+def test_accepted_drafts_are_shaded_token_by_token_and_match_the_counters(playground):
+    """The spec pane, after a greedy run on a repetitive prompt, shows its text again with every accepted
+    draft shaded: as many shaded tokens as its acceptance counter, one piece per generated token."""
+    from tests.test_spec import REPETITIVE
+    outputs = list(playground.run(REPETITIVE, 24, 0.0, 0, "parallel", ["spec"]))
+    pane = record_of(playground, outputs[-1]).panes[0]
+    assert pane.status == "done", pane.message
+    assert len(pane.drafted) == pane.stats.num_tokens == len(pane.token_ids)
+    assert sum(is_draft for _, is_draft in pane.drafted) == pane.stats.num_accepted_tokens > 0
+    assert "".join(piece for piece, _ in pane.drafted) == pane.text
+    metrics = outputs[-1][playground.page.metrics[0]]
+    assert metrics.count('<span class="drafted">') == pane.stats.num_accepted_tokens
+    assert f"{pane.stats.num_accepted_tokens} of {pane.stats.num_tokens} tokens were accepted drafts" in metrics

@@ -195,6 +195,13 @@ def test_speculation_accepts_drafts_on_a_repetitive_prompt(vllm_engine, vllm_spe
     assert vllm_engine.kv_stats() == kv_before and "num_drafts" not in kv_before
 
 
+def test_a_vllm_spec_pane_says_its_drafts_are_counted_in_aggregate_only(vllm_spec_engine):
+    from app.streaming import AGGREGATE_ONLY, drafted_pieces
+    request = vllm_spec_engine.stream(REPETITIVE_PROMPT, GenerationParams(max_new_tokens=8))
+    assert sum(event.num_tokens for event in request) == 8
+    assert drafted_pieces(vllm_spec_engine, request) == (None, AGGREGATE_ONLY)
+
+
 def test_vllm_spec_meets_the_engine_contract(vllm_spec_engine):
     check_contract(vllm_spec_engine)
 

@@ -46,6 +46,7 @@ from engines.hardware import cpu_flags
 from engines.models.catalog import ModelSource, trust_remote_code
 from engines.models.sources import resolve_model
 from engines.protocol import (
+    Drafting,
     EngineError,
     EngineStats,
     GenerationParams,
@@ -155,7 +156,7 @@ class _CountingCandidateGenerator:
         return self._inner.update_candidate_strategy(input_ids, scores, num_matches)
 
 
-class SpeculativeEngine(TransformersEngine):
+class SpeculativeEngine(TransformersEngine, Drafting):
     """TransformersEngine whose generate() drafts by prompt lookup or with a draft model."""
     options_class = SpeculativeOptions
 
@@ -169,6 +170,9 @@ class SpeculativeEngine(TransformersEngine):
             raise EngineError(f"{name}: assisted generation needs a dynamic KV cache; drop the compile option")
         self.draft_plan = plan_drafting(self.device, self.options.dtype, cpu_flags(),
                                         self.options.prompt_lookup_num_tokens)
+
+    def draft_steps(self) -> list[int]:
+        return list(self.last_counts.step_tokens)
 
     @property
     def drafting(self) -> str:

@@ -387,7 +387,8 @@ class Playground:
             updates[title] = text.pane_title(pane.label, pane.key, pane.status, record.model)
             updates[body] = charts.mark_divergence(pane.text, reports.get(pane.key))
             updates[metrics] = text.pane_metrics_html(pane.stats, pane.message, pane.status,
-                                                      text.draft_map_html(pane.drafted, pane.draft_note))
+                                                      text.draft_map_html(pane.drafted, pane.draft_note),
+                                                      self.pool.roofline_frac(pane.key, pane.stats))
         if with_charts:
             for name, figure in charts.run_figures(record.panes).items():
                 updates[page.charts[name]] = figure

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engines.models.catalog import allowed_models, catalog_entries, default_model_name, is_hosted
-from engines.protocol import Engine, EngineError, ProgressCallback, say
+from engines.protocol import Engine, EngineError, ProgressCallback, describe_error, say
 from engines.registry import create_engine, list_engines
 
 # What `make play` serves when neither --model nor PLAYGROUND_MODEL names one: the embedded instruct model
@@ -91,6 +91,8 @@ class EnginePool:
         # One load at a time: transformers' lazy imports are not safe when two threads import first,
         # and two models materialising at once can need twice the peak memory.
         self._load_lock = threading.Lock()
+        self.bandwidth_gb_s: dict[str, float] = {}   # device -> copy bandwidth, measured once per process
+        self._shape = None                             # the model's shape, for the live roofline
 
     @property
     def model_name(self) -> str:
@@ -113,6 +115,7 @@ class EnginePool:
             engine.unload()
         self.model = model
         self.extra_options = {}
+        self._shape = None
         return unloaded
 
     def choice(self, key: str) -> PaneChoice:
@@ -144,9 +147,39 @@ class EnginePool:
         engine = self.engine(key)
         with self._load_lock:
             engine.load(progress)
+            self._prepare_roofline(engine, progress)
         with self._lock:
             self._loaded.add(key)
         return engine
+
+    def _prepare_roofline(self, engine: Engine, progress: ProgressCallback | None) -> None:
+        """Measure the engine's device bandwidth once and read the model's shape, at load time (never
+        while a pane streams, which the copy would slow down)."""
+        from engines.measure.roofline import measure_bandwidth
+        from engines.models.sources import load_shape
+        if engine.precision() is None or engine.device == "remote":
+            return
+        try:
+            if engine.device not in self.bandwidth_gb_s:
+                say(progress, f"measuring {engine.device} memory bandwidth once, for the live roofline")
+                self.bandwidth_gb_s[engine.device] = measure_bandwidth(engine.device).bandwidth_gb_s
+            if self._shape is None:
+                self._shape = load_shape(self.model_name)
+        except Exception as error:  # the roofline is an estimate beside the pane; never a reason to fail a load
+            say(progress, f"no live roofline: {describe_error(error)}")
+
+    def roofline_frac(self, key: str, stats) -> float | None:
+        """The pane's estimated fraction of its batch-1 decode roofline (engines/measure/roofline.py), from
+        the engine's declared bytes per weight and KV element; None before its load measured the bandwidth."""
+        from engines.measure.roofline import live_roofline_frac
+        if stats is None or not self.is_loaded(key):
+            return None
+        engine = self.engine(key)
+        precision = engine.precision()
+        bandwidth_gb_s = self.bandwidth_gb_s.get(engine.device)
+        if precision is None or bandwidth_gb_s is None or self._shape is None:
+            return None
+        return live_roofline_frac(self._shape, precision, bandwidth_gb_s, stats)
 
     def loaded_keys(self) -> list[str]:
         with self._lock:

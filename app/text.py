@@ -80,9 +80,10 @@ def draft_map_html(drafted: list[tuple[str, bool]] | None, note: str = "") -> st
 
 
 def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str = "waiting",
-                      draft_map: str = "") -> str:
+                      draft_map: str = "", roofline_frac: float | None = None) -> str:
     """The pane's live numbers; KV blocks and acceptance appear only for engines that have them;
-    `draft_map` (draft_map_html) below them for a finished speculative pane."""
+    `roofline_frac` (an estimate at batch 1) where the engine declares its bytes; `draft_map`
+    (draft_map_html) below them for a finished speculative pane."""
     stats = stats or EngineStats(engine="")
     metrics = [
         _metric("ttft_s", "TTFT", number(stats.ttft_s, 3, " s")),
@@ -93,6 +94,8 @@ def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str 
     if stats.kv_blocks_total is not None:
         metrics.append(_metric("kv_blocks", "KV blocks",
                                f"{stats.kv_blocks_used or 0:,} / {stats.kv_blocks_total:,}"))
+    if roofline_frac is not None:
+        metrics.append(_metric("roofline_frac", "roofline, est. batch 1", number(100 * roofline_frac, 0, " %")))
     if stats.acceptance_rate is not None:
         metrics.append(_metric("acceptance_rate", "accepted", number(100 * stats.acceptance_rate, 0, " %")))
     note = ""

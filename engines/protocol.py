@@ -243,6 +243,7 @@ class Request(Protocol):
 class Engine(Protocol):
     """What every variant implements. load() is idempotent; unload() returns the memory."""
     name: str
+    device: str     # where the weights live: "cpu", "cuda", "cuda:N", or "remote" (a server's)
 
     def load(self, progress: ProgressCallback | None = None) -> None: ...
 

@@ -439,3 +439,25 @@ def test_accepted_drafts_are_shaded_token_by_token_and_match_the_counters(playgr
     metrics = outputs[-1][playground.page.metrics[0]]
     assert metrics.count('<span class="drafted">') == pane.stats.num_accepted_tokens
     assert f"{pane.stats.num_accepted_tokens} of {pane.stats.num_tokens} tokens were accepted drafts" in metrics
+
+
+def test_each_pane_shows_its_live_roofline_fraction_from_the_engines_own_bytes(playground, bf16_engine):
+    """Loading measures the device bandwidth once; a bf16 pane then shows decode tok/s over the batch-1
+    ceiling for the bytes bf16 declares (2 per weight, 2 per KV element), a fraction in (0, 1]."""
+    import re
+
+    from engines.measure.roofline import decode_roofline
+    from engines.models.sources import load_shape
+    playground.pool.load("bf16")   # adopted engines are loaded already; this measures the bandwidth
+    outputs, _ = run_to_end(playground, ["bf16"], max_new_tokens=8)
+    pane = record_of(playground, outputs[-1]).panes[0]
+    frac = playground.pool.roofline_frac("bf16", pane.stats)
+    assert 0 < frac <= 1, frac
+    precision = bf16_engine.precision()
+    assert precision.linear_bytes_per_weight == 2 and precision.kv_bytes_per_element == 2
+    bandwidth_gb_s = playground.pool.bandwidth_gb_s["cpu"]
+    ceiling = decode_roofline(load_shape("gemma-3-270m"), precision, bandwidth_gb_s,
+                              pane.stats.num_prompt_tokens + pane.stats.num_tokens // 2).roofline_tok_s
+    assert frac == pytest.approx(pane.stats.decode_tok_s / ceiling)
+    shown = re.search(r'data-metric="roofline_frac">(\d+) %', outputs[-1][playground.page.metrics[0]])
+    assert shown and int(shown.group(1)) == round(100 * frac)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from engines.measure.kv_calc import kv_bytes
 from engines.models.shape import ModelShape
-from engines.protocol import Precision
+from engines.protocol import EngineStats, Precision
 from engines.telemetry import DTYPE_BYTES  # noqa: F401  (re-exported for the variants' own roofline bytes)
 
 
@@ -80,3 +80,15 @@ def decode_roofline(shape: ModelShape, precision: Precision, bandwidth_gb_s: flo
     kv = kv_bytes(shape, context_tokens, precision.kv_bytes_per_element)
     total = weight_bytes + kv
     return Roofline(total, weight_bytes, kv, context_tokens, bandwidth_gb_s * 1e9 / total)
+
+
+def live_roofline_frac(shape: ModelShape, precision: Precision, bandwidth_gb_s: float,
+                       stats: EngineStats) -> float | None:
+    """The fraction of its batch-1 decode roofline a running request is at: its decode tok/s over the
+    ceiling for the bytes the engine declares it reads per token (weights, and KV at the request's
+    average context so far). An estimate: a speculative engine, which reads the weights once for several
+    tokens, can pass 1. None before the request has a decode rate."""
+    if not stats.decode_tok_s or not bandwidth_gb_s:
+        return None
+    context_tokens = (stats.num_prompt_tokens or 0) + stats.num_tokens // 2
+    return stats.decode_tok_s / decode_roofline(shape, precision, bandwidth_gb_s, context_tokens).roofline_tok_s

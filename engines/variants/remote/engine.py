@@ -65,6 +65,7 @@ class RemoteEngine:
 
     def __init__(self, name: str, model: str | None = None, options: dict | None = None):
         self.name = name
+        self.device = "remote"  # the server's; nothing here reads its memory
         self.options = parse_options(RemoteOptions, name, dict(options or {}))
         url = self.options.url.rstrip("/")
         parts = urlsplit(url)

@@ -161,3 +161,19 @@ def test_the_model_switcher_changes_model(page):
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('smollm2-135m-instruct')"
                            " && document.querySelector('#run-status').innerText.includes('Switched to')",
                            timeout=RUN_TIMEOUT_MS)
+
+
+def test_the_load_tab_runs_two_levels_and_charts_them(page):
+    """The Load tab (issue 18.7) in the browser: two closed-loop levels on bf16, the per-level table, the
+    chart and the results file, on the app's own pool (bf16 stays loaded from the tests above)."""
+    page.get_by_role("tab", name="Load").click()
+    page.fill("#load-levels textarea", "1,2")
+    page.locator("#load-max-new-tokens input").fill("4")
+    page.locator("#load-run").click()
+    page.wait_for_function("document.querySelector('#load-status').innerText.includes('Done')",
+                           timeout=RUN_TIMEOUT_MS)
+    assert "Done: 2 level(s) on bf16." in page.inner_text("#load-status")
+    rows = page.locator("#load-report table tbody tr")
+    assert rows.count() == 2
+    page.wait_for_selector("#load-chart .js-plotly-plot", timeout=30_000)
+    assert "load.json" in page.inner_text("#load-files").replace("\n", "")

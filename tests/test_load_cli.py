@@ -7,6 +7,7 @@ vLLM's event loop with timed arrivals (the session's vllm engine)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -20,23 +21,37 @@ from engines.measure.load import (
     results_json,
     to_markdown,
 )
-from engines.protocol import EngineError, EngineStats, GenerationParams, StreamEvent
+from engines.protocol import EngineError, GenerationParams
+from engines.telemetry import GenerationRecorder, MemoryProbe
+from engines.variants.streaming import Chunk, start_in_thread, stream_request
 from tests.test_cli import cli
 
 TOKEN_S = 0.05
 
 
 class ScriptedEngine:
-    """Serves one request at a time; every token takes TOKEN_S (the first one too)."""
+    """A stand-in with an exact clock (a real model's token times vary too much to check the load arithmetic
+    against): one request at a time through the real stream loop, every token taking TOKEN_S."""
     name = "scripted"
 
+    def __init__(self):
+        self.recorder = GenerationRecorder(self.name, MemoryProbe("cpu"))
+        self._lock = threading.Lock()
+
     def stream(self, prompt, params, cancel=None):
-        for _ in range(params.max_new_tokens):
-            time.sleep(TOKEN_S)
-            yield StreamEvent("x", 1)
+        def work(emit, stop):
+            for _ in range(params.max_new_tokens):
+                if stop.is_set():
+                    return
+                time.sleep(TOKEN_S)
+                self.recorder.on_tokens(1)
+                emit(Chunk(text="x", num_tokens=1))
+
+        return stream_request(name=self.name, recorder=self.recorder, start=start_in_thread(self.name, work),
+                              max_new_tokens=params.max_new_tokens, lock=self._lock, cancel=cancel)
 
     def stats(self):
-        return EngineStats(engine=self.name)
+        return self.recorder.snapshot()
 
 
 def test_poisson_arrivals_are_vllms_construction_and_follow_the_seed():

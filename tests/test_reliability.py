@@ -18,7 +18,7 @@ import gradio as gr
 import pytest
 import torch
 
-from app.callbacks import AppConfig, Playground
+from app.callbacks import AppConfig, Playground, plan_on_this_device
 from app.layout import build_app
 from app.session import EnginePool, PaneChoice, build_choices
 from engines.protocol import MAX_PROMPT_CHARS, GenerationParams
@@ -65,6 +65,12 @@ class FaultyEngine(TransformersEngine):
         return {"logits_processor": LogitsProcessorList([fault])} if fault else {}
 
 
+def plan_as_bf16(labels: list[str], model):
+    """The memory plan of panes whose options only this module's engine factories understand (faulty=,
+    checkpoint=): each is a bf16 engine of the model, and is planned as one."""
+    return plan_on_this_device(["bf16"] * len(labels), model)
+
+
 @pytest.fixture
 def playground(bf16_engine):
     pool = EnginePool(None, build_choices())
@@ -75,7 +81,8 @@ def playground(bf16_engine):
 
 
 def final_record(playground, prompt=PROMPT, max_new_tokens=8, keys=("bf16",), temperature=0.0, request=None):
-    outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, "parallel", list(keys), request))
+    outputs = list(playground.run(prompt, max_new_tokens, temperature, 0, "parallel", list(keys), request=request))
+    assert playground.page.record in outputs[-1], outputs[-1].get(playground.page.status)
     return outputs[-1][playground.page.record]
 
 
@@ -162,7 +169,7 @@ def test_a_fault_mid_stream_stays_in_its_pane_and_the_engine_reloads(bf16_engine
     choices = build_choices() + [PaneChoice("faulty", "bf16", "BF16 with an injected fault", {"faulty": True})]
     pool = EnginePool(None, choices, engine_factory=factory)
     pool.adopt("bf16", bf16_engine)
-    playground = Playground(AppConfig(), pool)
+    playground = Playground(AppConfig(), pool, planner=plan_as_bf16)
     build_app(playground)
     threads_before = set(threading.enumerate())
     good, faulty = final_record(playground, max_new_tokens=12, keys=("bf16", "faulty")).panes
@@ -193,7 +200,7 @@ def test_an_engine_whose_weights_are_corrupt_fails_to_load_in_its_pane_and_reloa
     choices = build_choices() + [PaneChoice("broken", "bf16", "BF16, corrupt weights", {"checkpoint": str(broken)})]
     pool = EnginePool(None, choices, engine_factory=factory)
     pool.adopt("bf16", bf16_engine)
-    playground = Playground(AppConfig(), pool)
+    playground = Playground(AppConfig(), pool, planner=plan_as_bf16)
     build_app(playground)
     good, bad = final_record(playground, keys=("bf16", "broken")).panes
     assert good.status == "done" and good.text.strip()
@@ -248,7 +255,7 @@ def test_closing_the_tab_stops_that_sessions_run_only(playground, bf16_engine):
     # tab's request; the run of that session stops, and a tab closing elsewhere stops nothing.
     threads_before = set(threading.enumerate())
     tab, other_tab = gr.Request(session_hash="tab-1"), gr.Request(session_hash="tab-2")
-    run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"], tab)
+    run = playground.run(PROMPT, 400, 0.0, 0, "parallel", ["bf16"], request=tab)
     for output in run:
         if output[playground.page.record].panes[0].text:
             break

@@ -5,7 +5,7 @@ Real processes throughout: `python -m app` (loaded through its API with gradio_c
 terminal's Ctrl-C (SIGINT to the whole process group) or by SIGKILL, which runs no cleanup at all: then
 the watchdog that engines.cli.ProcessOwner starts ends them. Every descendant is collected with psutil
 before the signal; within 10 s none may remain. The app loads vLLM with its own default options, as an
-operator's would (on 2 shared cores that takes 1-3 minutes), so those cases are marked slow.
+operator's would (eager on CPU, under a minute on 2 shared cores), so those cases are marked slow.
 """
 from __future__ import annotations
 

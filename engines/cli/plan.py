@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from engines.cli.bench import split_engines
+from engines.cli.common import add_model_argument
 from engines.measure.memory_plan import plan, plan_for_device, to_markdown
 from engines.protocol import EngineError
 
@@ -13,9 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--engines", required=True,
                         help="comma-separated engine labels, options in brackets: bf16,vllm,vllm-fp8kv,"
                              "vllm[max_model_len=8192]")
-    parser.add_argument("--model", default=None,
-                        help="model name, dummy:<shape>, config or checkpoint path (default: PLAYGROUND_MODEL or "
-                             "the embedded Gemma-3-270M); catalogue models that are not embedded use their shape")
+    add_model_argument(parser, more=", dummy:<shape>, or a config path; catalogue models that are not embedded "
+                                    "use their shape")
     parser.add_argument("--device-gib", type=float, default=None,
                         help="plan for a device of this many GiB (e.g. 139 for an H200) instead of this machine's")
     parser.add_argument("--free-gib", type=float, default=None,

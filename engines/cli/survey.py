@@ -7,14 +7,13 @@ from __future__ import annotations
 import sys
 
 from engines.cli.bench import split_engines
-from engines.cli.common import engine_options, progress_to_stderr
+from engines.cli.common import add_model_argument, engine_options, progress_to_stderr
 from engines.protocol import EngineError
 
 
 def add_arguments(parser) -> None:
     from engines.measure.survey_attention import ATTENTION_CHOICES
-    parser.add_argument("--model", default=None,
-                        help="short name from assets/models.toml, hub id or local path (default: the embedded Gemma)")
+    add_model_argument(parser, default="the embedded Gemma-3-270M")
     parser.add_argument("--dummy-weights", metavar="CONFIG", default=None,
                         help="random weights of a shape (e.g. llama-3-8b): speed and memory only, quality n/a")
     parser.add_argument("--engines", default=None,

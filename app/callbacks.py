@@ -235,6 +235,12 @@ class Playground:
         except EngineError as error:
             yield self._message_only(f"⚠️ {error}")
             return
+        except Exception as error:  # a fault in the planner must not cost the run (nor show a traceback)
+            if chat is not None and any(pane.prompt is None for pane in panes):
+                yield self._message_only(f"⚠️ {describe_error(error)}")
+                return
+            plan_update = {page.plan: f"The memory plan could not be made ({describe_error(error)}); "
+                                      f"the engines load without one."}
         record = RunRecord(self.pool.model_name, prompt, params, mode, panes)
         session = _session(request)
         stop_event = self.controls.start(session)

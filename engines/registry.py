@@ -36,6 +36,8 @@ class EngineSpec:
     is_zerogpu_compatible: bool = True
     # The model runs in this process (so torch's profiler sees its kernels); vLLM's runs in its engine core.
     is_in_process: bool = True
+    # A CPU build (llama.cpp here): its weights are in host memory even on a GPU machine.
+    is_cpu_only: bool = False
 
 
 SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
@@ -78,7 +80,7 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in [
                is_in_process=False),
     EngineSpec("gguf", "GGUF (llama.cpp)", "llama.cpp on the GGUF file as it ships (or its Q8_0/F16 ladder); "
                "a CPU build, so it runs on the CPU of a GPU machine too", "engines.variants.llamacpp.engine:GgufEngine",
-               ("llama_cpp", "gguf"), random_weights="none"),
+               ("llama_cpp", "gguf"), random_weights="none", is_cpu_only=True),
     EngineSpec("awq-int4", "INT4 AWQ (GPTQModel)", "4-bit AWQ, group size 128, quantized on first use or a catalogued "
                "AWQ checkpoint", "engines.variants.transformers.awq:AwqEngine",
                ("torch", "transformers", "gptqmodel", "optimum"), random_weights="saved"),

@@ -136,6 +136,16 @@ def test_system_memory_plan_has_no_shares():
         "Choose fewer or smaller engines, or unload some.")
 
 
+def test_gguf_is_host_memory_in_a_gpu_plan_and_plans_without_error():
+    """llama.cpp's CPU build keeps its weights in host memory on a GPU machine too (the browser run of bf16
+    beside gguf once failed here: GgufOptions has no device option)."""
+    memory_plan = plan(["bf16", "gguf"], "gemma-3-270m", 139.0, 139.0, device="cuda")
+    gguf = _row(memory_plan, "gguf")
+    assert memory_plan.fits and gguf.placement == "host memory" and "runs on the CPU" in " ".join(gguf.notes)
+    assert _row(memory_plan, "bf16").placement == "this process"
+    assert plan(["bf16", "gguf"], "gemma-3-270m", 24.0, 20.0, device="cpu").fits
+
+
 def test_an_engine_this_machine_refuses_is_still_sized(monkeypatch):
     from engines import registry
     monkeypatch.setattr(registry, "unavailable_reason", lambda spec: "CPU lacks AVX-512" if spec.name ==

@@ -461,3 +461,20 @@ def test_each_pane_shows_its_live_roofline_fraction_from_the_engines_own_bytes(p
     assert frac == pytest.approx(pane.stats.decode_tok_s / ceiling)
     shown = re.search(r'data-metric="roofline_frac">(\d+) %', outputs[-1][playground.page.metrics[0]])
     assert shown and int(shown.group(1)) == round(100 * frac)
+
+
+def test_a_fault_in_the_memory_planner_costs_the_run_nothing(bf16_engine):
+    """A planner that raises (as the GGUF plan once did with an AttributeError) leaves a line in the plan
+    box; the run itself goes on, with no traceback anywhere. bf16-eager is not loaded yet, so it is planned
+    (its weights are the session bf16 engine's, shared)."""
+    def broken_planner(labels, model):
+        raise AttributeError("'GgufOptions' object has no attribute 'device'")
+    pool = EnginePool(None, build_choices())
+    playground = built(Playground(AppConfig(), pool, planner=broken_planner))
+    try:
+        outputs = list(playground.run(PROMPT, 4, 0.0, 0, "parallel", ["bf16-eager"]))
+        assert record_of(playground, outputs[-1]).panes[0].status == "done"
+        plans = [output[playground.page.plan] for output in outputs if playground.page.plan in output]
+        assert plans and plans[0].startswith("The memory plan could not be made (AttributeError: 'GgufOptions'")
+    finally:
+        pool.unload_all()

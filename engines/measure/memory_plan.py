@@ -211,8 +211,18 @@ def _is_out_of_process(name: str) -> bool:
         return False
 
 
+def _is_cpu_only(name: str) -> bool:
+    try:
+        return get_spec(name).is_cpu_only
+    except EngineError:
+        return False
+
+
 def _engine_device(engine, plan_device: str) -> str:
-    """Where the engine's weights live: its own device option, else the plan's device."""
+    """Where the engine's weights live: the CPU for a CPU build, else its own device option, else the
+    plan's device (the plan may be for a device this machine does not have)."""
+    if _is_cpu_only(engine.name):
+        return "cpu"
     option = engine.options.device
     if option:
         return "cpu" if option == "cpu" else "cuda"

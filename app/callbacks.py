@@ -171,7 +171,7 @@ class Playground:
             system = text_of(system or "", "system prompt", SYSTEM_MAX_CHARS).strip() or None
             histories = chat_histories(histories)
             temperature = real_number(temperature, "temperature")
-            if temperature > TEMPERATURE_MAX:
+            if not 0.0 <= temperature <= TEMPERATURE_MAX:   # the page's own range, both ends
                 raise EngineError(f"temperature must be between 0 (greedy) and {TEMPERATURE_MAX:g}, got {temperature}")
             params = GenerationParams(max_new_tokens=whole_number(max_new_tokens, "max new tokens"),
                                       temperature=temperature, seed=whole_number(seed, "seed")).validate()

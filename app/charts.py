@@ -60,11 +60,11 @@ def tokens_per_second_figure(panes: list[PaneResult]) -> go.Figure:
 
 
 def memory_figure(panes: list[PaneResult]) -> go.Figure:
-    measured = [pane for pane in panes if pane.stats is not None and pane.stats.memory_gb is not None]
+    measured = [pane for pane in panes if pane.stats is not None and pane.stats.memory_gib is not None]
     kinds = sorted({memory_label(pane.stats.memory_kind) for pane in measured})
     traces = [{"type": "bar", "name": series, "marker": {"color": color}, "x": [pane.label for pane in measured],
                "y": [getattr(pane.stats, attribute) for pane in measured]}
-              for series, attribute, color in (("now", "memory_gb", "#a5b4fc"), ("peak", "peak_memory_gb", "#4f46e5"))
+              for series, attribute, color in (("now", "memory_gib", "#a5b4fc"), ("peak", "peak_memory_gib", "#4f46e5"))
               ] if measured else []
     figure = _figure("Memory per engine", "", f"GiB ({', '.join(kinds)})" if kinds else "GiB", traces,
                      note="no memory readings yet", barmode="group")

@@ -16,9 +16,9 @@ from app.streaming import RunRecord
 from engines.measure.manifest import build_manifest
 from engines.measure.report import write_png_images
 
-QUALITY_FIELDS = ("greedy_agreement", "perplexity", "perplexity_ratio", "weight_footprint_gb", "is_suspect")
+QUALITY_FIELDS = ("greedy_agreement", "perplexity", "perplexity_ratio", "weight_footprint_gib", "is_suspect")
 STATS_FIELDS = ("num_tokens", "num_prompt_tokens", "ttft_s", "decode_tok_s", "itl_ms_p50", "itl_ms_p95",
-                "total_s", "memory_gb", "peak_memory_gb", "memory_kind", "kv_blocks_total", "kv_peak_used_frac",
+                "total_s", "memory_gib", "peak_memory_gib", "memory_kind", "kv_blocks_total", "kv_peak_used_frac",
                 "acceptance_rate", "mean_accepted_len", "finish_reason")
 
 

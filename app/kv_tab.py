@@ -7,11 +7,11 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from app.inputs import real_number, text_of, whole_number
-from engines.measure.kv_calc import GIB, KV_DTYPE_BYTES, calculate, kv_bytes, to_markdown
+from engines.measure.kv_calc import KV_DTYPE_BYTES, calculate, kv_bytes, to_markdown
 from engines.models.catalog import default_model_name
 from engines.models.shape import available_configs
 from engines.models.sources import load_shape
-from engines.protocol import EngineError
+from engines.protocol import GIB, EngineError
 
 NUM_CHART_POINTS = 64
 MAX_CONFIG_CHARS = 1_000            # a shape name, model name or path
@@ -19,15 +19,15 @@ MAX_MEMORY_GIB = 100_000.0
 MAX_CONTEXT_TOKENS = 100_000_000
 
 
-def calculate_kv(config_name, vram_gb, context_tokens) -> tuple[str, go.Figure | None]:
+def calculate_kv(config_name, vram_gib, context_tokens) -> tuple[str, go.Figure | None]:
     """Markdown report and chart, or a readable error in place of the report. The inputs arrive as a
     client sent them (the events run unprocessed), so each is checked first."""
     try:
         config_name = text_of(config_name, "the model config", MAX_CONFIG_CHARS)
-        vram_gb = real_number(vram_gb, "memory (GiB)", 0, MAX_MEMORY_GIB, is_low_open=True)
+        vram_gib = real_number(vram_gib, "memory (GiB)", 0, MAX_MEMORY_GIB, is_low_open=True)
         context_tokens = whole_number(context_tokens, "context (tokens)", 1, MAX_CONTEXT_TOKENS)
         shape = load_shape(config_name)
-        report = calculate(shape, vram_gb=vram_gb, context_tokens=context_tokens)
+        report = calculate(shape, vram_gib=vram_gib, context_tokens=context_tokens)
     except (EngineError, ValueError, TypeError, OSError) as error:
         return f"**Cannot calculate:** {error}", None
     return to_markdown(report), kv_chart(shape, context_tokens)
@@ -59,14 +59,14 @@ def build(config=None) -> None:
                                   allow_custom_value=True, label="Model config",
                                   info="a shipped shape, the app's model, or a path to a config.json",
                                   elem_id="kv-config")
-        vram_gb = gr.Number(80, label="Memory for KV (GiB)", minimum=0, maximum=MAX_MEMORY_GIB, elem_id="kv-vram-gb")
+        vram_gib = gr.Number(80, label="Memory for KV (GiB)", minimum=0, maximum=MAX_MEMORY_GIB, elem_id="kv-vram-gib")
         context_tokens = gr.Number(8192, label="Context (tokens)", precision=0, minimum=1,
                                    maximum=MAX_CONTEXT_TOKENS, elem_id="kv-context")
         button = gr.Button("Calculate", variant="primary", scale=0, elem_id="kv-calculate")
-    initial_report, initial_chart = calculate_kv(config_name.value, vram_gb.value, context_tokens.value)
+    initial_report, initial_chart = calculate_kv(config_name.value, vram_gib.value, context_tokens.value)
     report = gr.Markdown(initial_report, elem_id="kv-report")
     chart = gr.Plot(initial_chart, label="KV size over context", elem_id="kv-chart")
-    inputs, outputs = [config_name, vram_gb, context_tokens], [report, chart]
+    inputs, outputs = [config_name, vram_gib, context_tokens], [report, chart]
     # Unprocessed inputs: calculate_kv checks them, so an API client's bad value is a report line.
     button.click(calculate_kv, inputs, outputs, api_name="kv", preprocess=False)
     config_name.change(calculate_kv, inputs, outputs, api_visibility="private", preprocess=False)

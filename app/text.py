@@ -89,7 +89,7 @@ def pane_metrics_html(stats: EngineStats | None, message: str = "", status: str 
         _metric("ttft_s", "TTFT", number(stats.ttft_s, 3, " s")),
         _metric("decode_tok_s", "decode", number(stats.decode_tok_s, 1, " tok/s")),
         _metric("num_tokens", "tokens", str(stats.num_tokens)),
-        _metric("memory_gb", memory_label(stats.memory_kind), number(stats.memory_gb, 2, " GiB")),
+        _metric("memory_gib", memory_label(stats.memory_kind), number(stats.memory_gib, 2, " GiB")),
     ]
     if stats.kv_blocks_total is not None:
         metrics.append(_metric("kv_blocks", "KV blocks",
@@ -129,7 +129,7 @@ def summary_table(rows: list[dict]) -> list[list[str]]:
         return number(None if value is None else 100 * value, 1)
     return [[row["engine"], row["status"], str(row["num_tokens"]), number(row["ttft_s"], 3),
              number(row["decode_tok_s"], 1), number(row["itl_ms_p50"], 1),
-             _memory_cell(row["peak_memory_gb"], row["memory_kind"]),
+             _memory_cell(row["peak_memory_gib"], row["memory_kind"]),
              percent(row["kv_peak_used_frac"]), percent(row["acceptance_rate"]),
              percent(row["greedy_agreement"]), number(row["perplexity"], 2), number(row["perplexity_ratio"], 3)]
             for row in rows]

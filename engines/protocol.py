@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 # Bounds that keep one request from pinning the machine; the UI and CLI validate against them.
+GIB = 1024 ** 3     # the one memory unit of the code: every `*_gib` field and GiB label is bytes / GIB
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_PROMPT_CHARS = 200_000
 
@@ -159,7 +160,7 @@ class StatSample:
     t_s: float
     num_tokens: int
     decode_tok_s: float
-    memory_gb: float | None
+    memory_gib: float | None
     kv_used_frac: float | None = None
     kv_blocks_used: int | None = None
 
@@ -176,9 +177,9 @@ class EngineStats:
     decode_tok_s: float | None = None
     itl_ms_p50: float | None = None
     itl_ms_p95: float | None = None
-    memory_gb: float | None = None
-    peak_memory_gb: float | None = None
-    torch_peak_gb: float | None = None
+    memory_gib: float | None = None
+    peak_memory_gib: float | None = None
+    torch_peak_gib: float | None = None
     memory_kind: str = ""
     kv_blocks_used: int | None = None
     kv_blocks_total: int | None = None
@@ -272,7 +273,7 @@ class Scoring(ABC):
     def perplexity(self, text: str) -> float: ...
 
     @abstractmethod
-    def weight_footprint_gb(self) -> float | None: ...
+    def weight_footprint_gib(self) -> float | None: ...
 
     @abstractmethod
     def decode(self, token_ids: list[int]) -> str:

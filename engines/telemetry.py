@@ -17,9 +17,8 @@ from typing import Callable
 
 import psutil
 
-from engines.protocol import EngineStats, StatSample
+from engines.protocol import GIB, EngineStats, StatSample
 
-GB = 1024 ** 3
 # Bytes per element of the dtypes engines compute in; vLLM's 'auto' is the checkpoint's bf16.
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}
 KvProbe = Callable[[], dict]
@@ -40,7 +39,7 @@ def _nvml_handle(device_index: int):
     return pynvml.nvmlDeviceGetHandleByIndex(device_index)
 
 
-def nvml_process_memory_gb(pids: set[int], device_index: int = 0) -> float | None:
+def nvml_process_memory_gib(pids: set[int], device_index: int = 0) -> float | None:
     """GPU memory used by the given processes, or None when NVML cannot attribute it (no GPU, or a
     container whose PID namespace hides the processes)."""
     try:
@@ -50,13 +49,13 @@ def nvml_process_memory_gb(pids: set[int], device_index: int = 0) -> float | Non
     except Exception:
         return None
     used = [p.usedGpuMemory for p in processes if p.pid in pids and p.usedGpuMemory is not None]
-    return sum(used) / GB if used else None
+    return sum(used) / GIB if used else None
 
 
-def nvml_device_used_gb(device_index: int = 0) -> float | None:
+def nvml_device_used_gib(device_index: int = 0) -> float | None:
     try:
         import pynvml
-        return pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(device_index)).used / GB
+        return pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(device_index)).used / GIB
     except Exception:
         return None
 
@@ -69,7 +68,7 @@ def process_tree_pids() -> set[int]:
 
 @dataclass
 class MemoryReading:
-    memory_gb: float | None  # None: nothing on this machine can measure it (kind says why)
+    memory_gib: float | None  # None: nothing on this machine can measure it (kind says why)
     kind: str
 
 
@@ -77,33 +76,33 @@ class MemoryProbe:
     """Reads the memory of the engine's process tree. On CPU: RSS. On a GPU: NVML per process,
     falling back to torch's reserved bytes (in-process engines) or the device delta since load."""
 
-    def __init__(self, device: str, is_in_process: bool = True, baseline_device_gb: float | None = None):
+    def __init__(self, device: str, is_in_process: bool = True, baseline_device_gib: float | None = None):
         self.device = device
         # "cuda:1" reads GPU 1; "cuda" is the current device, 0 unless the process chose another.
         self.device_index = int(device.partition(":")[2] or 0)
         self.is_in_process = is_in_process
-        self.baseline_device_gb = baseline_device_gb
+        self.baseline_device_gib = baseline_device_gib
 
     def read(self) -> MemoryReading:
         if self.device == "cpu":
             rss = sum(_rss(pid) for pid in process_tree_pids())
-            return MemoryReading(rss / GB, "rss")
-        gpu_gb = nvml_process_memory_gb(process_tree_pids(), self.device_index)
-        if gpu_gb is not None:
-            return MemoryReading(gpu_gb, "nvml-process")
+            return MemoryReading(rss / GIB, "rss")
+        gpu_gib = nvml_process_memory_gib(process_tree_pids(), self.device_index)
+        if gpu_gib is not None:
+            return MemoryReading(gpu_gib, "nvml-process")
         if self.is_in_process:
             import torch
-            return MemoryReading(torch.cuda.memory_reserved(self.device_index) / GB, "torch-reserved")
-        device_gb = nvml_device_used_gb(self.device_index)
-        if device_gb is not None and self.baseline_device_gb is not None:
-            return MemoryReading(device_gb - self.baseline_device_gb, "nvml-device-delta")
+            return MemoryReading(torch.cuda.memory_reserved(self.device_index) / GIB, "torch-reserved")
+        device_gib = nvml_device_used_gib(self.device_index)
+        if device_gib is not None and self.baseline_device_gib is not None:
+            return MemoryReading(device_gib - self.baseline_device_gib, "nvml-device-delta")
         return MemoryReading(None, "unavailable")
 
-    def torch_peak_gb(self) -> float | None:
+    def torch_peak_gib(self) -> float | None:
         if self.device == "cpu" or not self.is_in_process:
             return None
         import torch
-        return torch.cuda.max_memory_allocated(self.device_index) / GB
+        return torch.cuda.max_memory_allocated(self.device_index) / GIB
 
 
 def release_freed_memory() -> None:
@@ -210,18 +209,18 @@ class GenerationRecorder:
             window_start = now - 1.0
             recent = sum(k for t, k in self._chunk_times if t >= window_start)
             stats = self._stats
-            stats.memory_gb = reading.memory_gb
+            stats.memory_gib = reading.memory_gib
             stats.memory_kind = reading.kind
-            stats.torch_peak_gb = self.memory.torch_peak_gb()
-            if reading.memory_gb is not None:
-                stats.peak_memory_gb = max(stats.peak_memory_gb or 0.0, reading.memory_gb)
+            stats.torch_peak_gib = self.memory.torch_peak_gib()
+            if reading.memory_gib is not None:
+                stats.peak_memory_gib = max(stats.peak_memory_gib or 0.0, reading.memory_gib)
             for key, value in kv.items():
                 setattr(stats, key, value)
             if kv.get("kv_used_frac") is not None:
                 stats.kv_peak_used_frac = max(stats.kv_peak_used_frac or 0.0, kv["kv_used_frac"])
             stats.samples.append(StatSample(
                 t_s=now - self._submit_time, num_tokens=stats.num_tokens, decode_tok_s=float(recent),
-                memory_gb=reading.memory_gb, kv_used_frac=kv.get("kv_used_frac"),
+                memory_gib=reading.memory_gib, kv_used_frac=kv.get("kv_used_frac"),
                 kv_blocks_used=kv.get("kv_blocks_used")))
 
 

@@ -91,7 +91,7 @@ def gptq_engine():
 
 # vLLM engines in tests skip torch.compile: on 2 cores compiling costs 1-3 minutes per engine start, and
 # the compiled graph is not what the tests check. KV is fixed at 1 GiB so FP8/BF16 block counts compare.
-VLLM_TEST_OPTIONS = {"enforce_eager": True, "kv_cache_gb": 1.0, "max_model_len": 4096}
+VLLM_TEST_OPTIONS = {"enforce_eager": True, "kv_cache_gib": 1.0, "max_model_len": 4096}
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """The house rules that a reader relies on: engines/ has no import cycle (deferred imports included,
-since a cycle hidden in a function is still a cycle), and importing `engines` stays light."""
+since a cycle hidden in a function is still a cycle), importing `engines` stays light, and memory has one
+unit with one constant (GiB, `engines.protocol.GIB`) that every name carrying it says (`*_gib`)."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +73,17 @@ def test_importing_engines_does_not_import_torch_cuda_vllm_or_bitsandbytes():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def source_files() -> list[Path]:
+    return [path for folder in ("engines", "app", "scripts") for path in (ROOT / folder).rglob("*.py")]
+
+
+def test_one_gib_constant_and_every_gib_name_says_gib():
+    definitions = [(str(path.relative_to(ROOT)), line) for path in source_files()
+                   for line in path.read_text().splitlines() if "1024 ** 3" in line]
+    assert [(path, line.split("=")[0].strip()) for path, line in definitions] == [("engines/protocol.py", "GIB")]
+    # `survey_gb` holds the survey's own figures, in the GB it printed; every other memory figure is GiB.
+    misnamed = sorted({name for path in source_files()
+                       for name in re.findall(r"\b\w+_gb\b", path.read_text()) if name != "survey_gb"})
+    assert misnamed == [], misnamed

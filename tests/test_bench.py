@@ -58,8 +58,8 @@ def test_bench_numbers_are_positive(cli_bench):
     ran = [row for row in result["rows"] if row["status"] == "ok"]
     assert [row["engine"] for row in ran] == ["bf16", SECOND_ENGINE]
     for row in ran:
-        for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_s", "encode_peak_gb", "generate_peak_gb",
-                    "weight_footprint_gb", "roofline_tok_s", "roofline_frac", "read_per_token_gb"):
+        for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_s", "encode_peak_gib", "generate_peak_gib",
+                    "weight_footprint_gib", "roofline_tok_s", "roofline_frac", "read_per_token_gib"):
             assert row[key] > 0, (row["engine"], key)
         assert 1 <= row["num_tokens"] <= MAX_NEW_TOKENS
         assert row["prefill_tokens"] >= 96
@@ -72,8 +72,8 @@ def test_bench_numbers_are_positive(cli_bench):
     if SECOND_ENGINE == "gguf":  # the shipped Q4_K_M file is far smaller than the BF16 weights
         from engines.models.sources import resolve_model
         file_gib = resolve_model().gguf_path.stat().st_size / 2**30
-        assert second["weight_footprint_gb"] == pytest.approx(file_gib)
-        assert second["weight_footprint_gb"] < 0.6 * bf16["weight_footprint_gb"]
+        assert second["weight_footprint_gib"] == pytest.approx(file_gib)
+        assert second["weight_footprint_gib"] < 0.6 * bf16["weight_footprint_gib"]
         ratio = second["decode_tok_s"] / bf16["decode_tok_s"]
         print(f"\ngguf against bf16 in one bench run: {ratio:.2f}x decode tok/s")
 

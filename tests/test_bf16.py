@@ -49,7 +49,7 @@ def test_stats_are_positive_and_consistent(bf16_engine):
     assert 0 < stats.decode_s <= stats.total_s
     assert stats.decode_tok_s == pytest.approx((stats.num_tokens - 1) / stats.decode_s)
     assert 0 < stats.itl_ms_p50 <= stats.itl_ms_p95
-    assert stats.peak_memory_gb > 0.3 and stats.memory_kind == "rss"
+    assert stats.peak_memory_gib > 0.3 and stats.memory_kind == "rss"
     assert stats.num_prompt_tokens == len(bf16_engine.tokenizer(FRANCE).input_ids)  # BOS included
     assert stats.samples and stats.samples[-1].num_tokens == stats.num_tokens
 

@@ -41,7 +41,7 @@ def test_generate_json_carries_text_and_stats():
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["num_tokens"] == 8 and data["text"].strip()
-    for key in ("ttft_s", "decode_tok_s", "itl_ms_p50", "itl_ms_p95", "peak_memory_gb"):
+    for key in ("ttft_s", "decode_tok_s", "itl_ms_p50", "itl_ms_p95", "peak_memory_gib"):
         assert data[key] > 0, key
 
 

@@ -20,7 +20,7 @@ def _row(report, layout, dtype):
 
 def test_llama_7b_is_512_kib_per_token_in_half_precision():
     # The seed's example: hidden 4096 = 32 heads x 128, 32 layers: 2 (K and V) * 4096 * 32 * 2 bytes.
-    report = calculate(load_shape("llama-2-7b"), vram_gb=80, context_tokens=4096)
+    report = calculate(load_shape("llama-2-7b"), vram_gib=80, context_tokens=4096)
     assert report.attention_layout == "MHA"
     assert [row.layout for row in report.rows] == ["MHA", "MHA"]
     bf16, fp8 = _row(report, "MHA", "BF16"), _row(report, "MHA", "FP8")
@@ -34,7 +34,7 @@ def test_llama_7b_is_512_kib_per_token_in_half_precision():
 
 
 def test_llama_3_8b_gqa_is_a_quarter_of_mha():
-    report = calculate(load_shape("llama-3-8b"), vram_gb=24, context_tokens=8192)
+    report = calculate(load_shape("llama-3-8b"), vram_gib=24, context_tokens=8192)
     assert report.attention_layout == "GQA" and report.num_kv_heads == 8
     assert _row(report, "GQA", "BF16").kv_bytes_per_token == 2 * 8 * 128 * 32 * 2 == 128 * 1024
     assert _row(report, "MHA", "BF16").kv_bytes_per_token == 4 * _row(report, "GQA", "BF16").kv_bytes_per_token
@@ -46,7 +46,7 @@ def test_embedded_gemma_counts_sliding_layers_at_their_window():
     assert (shape.num_layers, shape.num_sliding_layers, shape.sliding_window) == (18, 15, 512)
     assert (shape.num_kv_heads, shape.head_dim, shape.attention_layout) == (1, 256, "MQA")
     per_layer_token = 2 * 1 * 256 * 2
-    report = calculate(shape, vram_gb=1, context_tokens=300)
+    report = calculate(shape, vram_gib=1, context_tokens=300)
     mqa = _row(report, "MQA", "BF16")
     assert mqa.kv_bytes_per_token == 18 * per_layer_token == 18432
     assert mqa.kv_bytes_at_context == 300 * 18 * per_layer_token            # inside the window: every layer
@@ -82,22 +82,22 @@ def test_shipped_configs_and_bad_input():
 
 
 def test_kv_command_prints_the_table_and_rejects_bad_numbers():
-    done = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gb", "80"],
+    done = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gib", "80"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| MHA | 32 | BF16 | 512.0 KiB | 512.0 MiB |" in done.stdout
-    for vram_gb in ("-1", "nan", "inf"):
-        bad = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gb", vram_gb],
+    for vram_gib in ("-1", "nan", "inf"):
+        bad = subprocess.run([sys.executable, "-m", "engines", "kv", "--config", "llama-2-7b", "--vram-gib", vram_gib],
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-        assert f"--vram-gb must be positive and finite, got {float(vram_gb)}" in bad.stderr, bad.stderr
+        assert f"--vram-gib must be positive and finite, got {float(vram_gib)}" in bad.stderr, bad.stderr
 
 
 def test_calculate_rejects_memory_and_context_it_cannot_price():
     shape = load_shape("llama-2-7b")
-    for vram_gb in (0, -3, float("nan"), float("inf")):
+    for vram_gib in (0, -3, float("nan"), float("inf")):
         with pytest.raises(EngineError, match="positive number of GiB"):
-            calculate(shape, vram_gb=vram_gb)
+            calculate(shape, vram_gib=vram_gib)
     with pytest.raises(EngineError, match="positive number of tokens, got 0"):
         calculate(shape, context_tokens=0)
 
@@ -142,7 +142,7 @@ def test_kv_tab_in_a_real_browser():
                                    timeout=30_000)
             report = page.locator("#kv-report").inner_text()
             assert "512.0 KiB" in report and "2.0 GiB" in report and "GQA" not in report
-            page.locator("#kv-vram-gb input").fill("-5")
+            page.locator("#kv-vram-gib input").fill("-5")
             page.locator("#kv-calculate").click()
             page.wait_for_function("document.querySelector('#kv-report').innerText.includes('Cannot calculate')",
                                    timeout=30_000)

@@ -54,9 +54,9 @@ def test_compare_is_none_for_engines_that_report_no_kv_allocation():
 
 @pytest.mark.slow
 def test_kv_table_matches_the_vllm_engines_capacity(vllm_engine):
-    """kv_cache_gb=1.0 (VLLM_TEST_OPTIONS): the predicted blocks are the engine's, exactly; the calculator's
+    """kv_cache_gib=1.0 (VLLM_TEST_OPTIONS): the predicted blocks are the engine's, exactly; the calculator's
     longest sequence exceeds vLLM's by the explained block rounding only."""
-    assert VLLM_TEST_OPTIONS["kv_cache_gb"] == 1.0
+    assert VLLM_TEST_OPTIONS["kv_cache_gib"] == 1.0
     comparison = compare_vllm(vllm_engine)
     kv = vllm_engine.kv_stats()
     p = comparison.prediction
@@ -72,6 +72,6 @@ def test_kv_table_matches_the_vllm_engines_capacity(vllm_engine):
     if logged.actual is not None:  # vLLM 0.32 keeps it on the cache config; older ones only log it
         assert logged.difference == 0
     table = to_markdown(comparison)
-    for words in ("block rounding", "sliding", "KV-cache group", "kv_cache_gb=1"):
+    for words in ("block rounding", "sliding", "KV-cache group", "kv_cache_gib=1"):
         assert words in table, words
     print("\n" + table)

@@ -91,8 +91,8 @@ def test_a_share_set_by_hand_is_kept_or_refused():
     assert kept.fits and kept.rows[0].gpu_memory_utilization == 0.5 and kept.rows[0].share_is_pinned
     small = plan(["vllm[gpu_memory_utilization=0.05]"], MODEL, H200_GIB, H200_GIB)
     assert not small.fits and "gpu_memory_utilization=0.05 gives it 6.95 GiB, less than" in small.problem
-    # kv_cache_gb fixes the KV, and the share is what vLLM's start-up check needs: free >= share x total.
-    fixed = plan(["vllm[kv_cache_gb=4]"], MODEL, H200_GIB, H200_GIB)
+    # kv_cache_gib fixes the KV, and the share is what vLLM's start-up check needs: free >= share x total.
+    fixed = plan(["vllm[kv_cache_gib=4]"], MODEL, H200_GIB, H200_GIB)
     row = fixed.rows[0]
     assert fixed.fits and row.kv_gib == 4.0
     assert row.gpu_memory_utilization * H200_GIB >= row.weights_gib + row.working_gib + 4.0

@@ -120,8 +120,8 @@ def test_the_manifest_holds_every_field():
 def test_engine_options_become_a_plain_dict():
     from engines.measure.manifest import engine_options_of
     from engines.variants.vllm.support import VllmOptions
-    options = engine_options_of(type("E", (), {"options": VllmOptions.from_dict("vllm", {"kv_cache_gb": 1.0})})())
-    assert options["kv_cache_gb"] == 1.0 and options["kv_cache_dtype"] == "auto"
+    options = engine_options_of(type("E", (), {"options": VllmOptions.from_dict("vllm", {"kv_cache_gib": 1.0})})())
+    assert options["kv_cache_gib"] == 1.0 and options["kv_cache_dtype"] == "auto"
     assert engine_options_of(object()) == {}
 
 

@@ -51,7 +51,7 @@ def test_gptq_report_is_close_to_bf16_and_smaller(gptq_engine, bf16_engine, qual
     assert report.num_prompts == len(quality_reference.prompts) and report.num_tokens == 32
     assert 0.05 <= report.greedy_agreement < 1.0, report
     assert 1.0 <= report.perplexity_ratio <= 1.5, report
-    assert report.weight_footprint_gb < bf16_engine.weight_footprint_gb()
+    assert report.weight_footprint_gib < bf16_engine.weight_footprint_gib()
     assert not report.is_suspect, report.reason
 
 
@@ -106,7 +106,7 @@ def test_generate_quality_json_adds_agreement_perplexity_and_footprint(gptq_engi
     assert result["kernel_name"] == gptq_engine.kernel_name
     assert 0.0 <= quality["greedy_agreement"] <= 1.0 and quality["num_tokens"] == 4
     assert quality["perplexity"] == pytest.approx(gptq_engine.perplexity(perplexity_text()), rel=1e-3)
-    assert 0 < quality["weight_footprint_gb"] < 0.5 and quality["is_suspect"] is False
+    assert 0 < quality["weight_footprint_gib"] < 0.5 and quality["is_suspect"] is False
 
 
 def test_bench_row_without_the_bf16_reference_says_so_instead_of_scoring_itself(spec_engine):

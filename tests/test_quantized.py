@@ -65,7 +65,7 @@ def test_perplexity_within_1_5x_of_bf16_and_footprint_below(request, fixture, bf
     perplexity = engine.perplexity(perplexity_text())
     assert bf16_perplexity < perplexity * 1.1, "quantization rarely beats bf16 by much; a lower value hides a bug"
     assert perplexity <= 1.5 * bf16_perplexity, (perplexity, bf16_perplexity)
-    assert engine.weight_footprint_gb() < 0.9 * bf16_engine.weight_footprint_gb()
+    assert engine.weight_footprint_gib() < 0.9 * bf16_engine.weight_footprint_gib()
 
 
 def test_gptq_runs_a_named_cpu_kernel(gptq_engine):

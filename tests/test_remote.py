@@ -103,7 +103,7 @@ def test_streams_with_server_token_counts(remote_engine):
     assert 0 < stats.ttft_s < stats.total_s and stats.decode_tok_s > 0
     assert 0 < stats.itl_ms_p50 <= stats.itl_ms_p95
     assert stats.num_preemptions == 0
-    assert stats.memory_gb is None and stats.memory_kind == "remote: not measured"
+    assert stats.memory_gib is None and stats.memory_kind == "remote: not measured"
 
 
 def test_remote_meets_the_stream_contract(remote_engine):

@@ -60,7 +60,7 @@ def test_sharing_keeps_each_engines_text_and_costs_far_less_than_a_copy():
         bf16_text, _ = add(bf16)
         key, path = bf16.weights_key(), bf16.source.path
         users_before = shared_weights.num_users(key, path) - 1   # a session fixture may hold them too
-        copy_bytes = bf16.weight_footprint_gb() * 1024 ** 3
+        copy_bytes = bf16.weight_footprint_gib() * 1024 ** 3
         eager_alone, own_growth = add(eager_own)
         eager_text, shared_growth = add(eager)
         spec_text, spec_growth = add(spec)

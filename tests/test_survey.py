@@ -108,9 +108,9 @@ def synthetic_report(nf4_ppl_ratio: float = 1.04, nf4_speed: float = 5.0, nf4_pe
     shape = load_shape("gemma-3-270m")
     tokens = [32, 64]
     quality = [QualityRow("bf16", perplexity=8.7, perplexity_ratio=1.0, greedy_agreement=1.0, cloze_correct=17,
-                          cloze_total=20, weight_footprint_gb=0.5, survey_mmlu=55.8),
+                          cloze_total=20, weight_footprint_gib=0.5, survey_mmlu=55.8),
                QualityRow("nf4", perplexity=8.7 * nf4_ppl_ratio, perplexity_ratio=nf4_ppl_ratio, greedy_agreement=0.4,
-                          cloze_correct=16, cloze_total=20, weight_footprint_gb=0.3),
+                          cloze_correct=16, cloze_total=20, weight_footprint_gib=0.3),
                QualityRow("gptq-int4", status="unavailable", reason="package not installed: gptqmodel",
                           survey_mmlu=55.1)]
     speed = []
@@ -123,10 +123,11 @@ def synthetic_report(nf4_ppl_ratio: float = 1.04, nf4_speed: float = 5.0, nf4_pe
                                       decode_tok_s=tok_s if ok else None, num_tokens=n if ok else None,
                                       prompt_tokens=1))
     speed += [SpeedRow("gptq-int4", "sdpa", n, status="unavailable", reason="package not installed") for n in tokens]
-    memory = [MemoryRow("bf16", encode_tokens=64, encode_peak_gb=1.3, generate_peak_gb={"32": 1.3, "64": 1.31},
-                        weight_footprint_gb=0.5, memory_kind="rss", survey_gb={"encode_2048": 16.99}),
-              MemoryRow("nf4", encode_tokens=64, encode_peak_gb=1.1, generate_peak_gb={"32": nf4_peak, "64": nf4_peak},
-                        weight_footprint_gb=0.3, memory_kind="rss"),
+    memory = [MemoryRow("bf16", encode_tokens=64, encode_peak_gib=1.3, generate_peak_gib={"32": 1.3, "64": 1.31},
+                        weight_footprint_gib=0.5, memory_kind="rss", survey_gb={"encode_2048": 16.99}),
+              MemoryRow("nf4", encode_tokens=64, encode_peak_gib=1.1,
+                        generate_peak_gib={"32": nf4_peak, "64": nf4_peak},
+                        weight_footprint_gib=0.3, memory_kind="rss"),
               MemoryRow("gptq-int4", status="unavailable", reason="package not installed")]
     serving = [ServingRow("baseline", "bf16", mode="completion", prompt_tokens=9, max_new_tokens=32, mean_tokens=32,
                           mean_tok_s=10.0, num_runs=2, survey_tok_s=40.12),
@@ -142,7 +143,7 @@ def synthetic_report(nf4_ppl_ratio: float = 1.04, nf4_speed: float = 5.0, nf4_pe
     report = SurveyReport(
         model="gemma-3-270m", device="cpu", machine={"cpu": "x86_64", "platform": "Linux", "torch": "2", "date": "now"},
         settings=settings, notes=["gemma-3-270m has no chat template"], formats=number_formats(), quality=quality,
-        speed=speed, memory=memory, serving=serving, kv=kv_layouts(shape, 128, 80), kv_context=128, kv_memory_gb=80,
+        speed=speed, memory=memory, serving=serving, kv=kv_layouts(shape, 128, 80), kv_context=128, kv_memory_gib=80,
         precisions={"bf16": bf16, "nf4": nf4}, bandwidth_gb_s=100.0, shape=asdict(shape))
     report.conclusions = conclude(report, load_shape("llama-3-8b"))
     return report

@@ -34,4 +34,4 @@ def test_chunks_count_every_token_and_itl_is_per_token():
     assert stats.itl_ms_p50 == pytest.approx(stats.decode_s * 1000 / 3)
     assert stats.decode_tok_s == pytest.approx(3 / stats.decode_s)
     assert stats.total_s >= stats.ttft_s + stats.decode_s
-    assert len(stats.samples) >= 3 and stats.peak_memory_gb > 0
+    assert len(stats.samples) >= 3 and stats.peak_memory_gib > 0

@@ -45,7 +45,7 @@ def test_exported_run_json_holds_a_manifest_with_every_field(playground, bf16_en
 def constructed_pane(key: str, counts: list[int], step_s: float = 0.1):
     from app.streaming import PaneResult
     from engines.protocol import EngineStats, StatSample
-    samples = [StatSample(t_s=step_s * (index + 1), num_tokens=count, decode_tok_s=0.0, memory_gb=None)
+    samples = [StatSample(t_s=step_s * (index + 1), num_tokens=count, decode_tok_s=0.0, memory_gib=None)
                for index, count in enumerate(counts)]
     stats = EngineStats(engine=key, num_tokens=counts[-1], total_s=samples[-1].t_s, samples=samples)
     return PaneResult(key, key.upper(), status="done", text="", stats=stats)

@@ -40,7 +40,7 @@ def test_stream_counts_every_token_and_decodes_to_the_text(vllm_engine):
     assert vllm_engine.tokenizer.decode(vllm_engine.last_token_ids, skip_special_tokens=True) == text
     assert stats.finish_reason == "length"
     assert stats.num_prompt_tokens == len(vllm_engine.tokenizer(PROMPT).input_ids)  # BOS included
-    assert stats.ttft_s > 0 and stats.decode_tok_s > 0 and stats.peak_memory_gb > 0
+    assert stats.ttft_s > 0 and stats.decode_tok_s > 0 and stats.peak_memory_gib > 0
 
 
 def test_greedy_output_matches_transformers_bf16(vllm_engine, bf16_engine):

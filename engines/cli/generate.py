@@ -94,7 +94,7 @@ def _format_stats(result: dict) -> str:
     return (f"--- {result['engine']}: {result['num_tokens']} tokens ({result['finish_reason']}), "
             f"TTFT {fmt(result['ttft_s'], ' s')}, decode {fmt(result['decode_tok_s'], ' tok/s')}, "
             f"ITL p50/p95 {fmt(result['itl_ms_p50'])}/{fmt(result['itl_ms_p95'])} ms, "
-            f"peak memory {fmt(result['peak_memory_gb'], ' GiB')} ({result['memory_kind']})")
+            f"peak memory {fmt(result['peak_memory_gib'], ' GiB')} ({result['memory_kind']})")
 
 
 def _format_quality(quality: dict) -> str:
@@ -102,5 +102,5 @@ def _format_quality(quality: dict) -> str:
         return "n/a" if value is None else format(value, pattern)
     return (f"--- quality vs bf16: greedy agreement {fmt(quality['greedy_agreement'], '.2f')}, perplexity "
             f"{fmt(quality['perplexity'], '.2f')} ({fmt(quality['perplexity_ratio'], '.2f')}x bf16's), weight "
-            f"footprint {fmt(quality['weight_footprint_gb'], '.3f')} GiB; "
+            f"footprint {fmt(quality['weight_footprint_gib'], '.3f')} GiB; "
             f"{'SUSPECT: ' if quality['is_suspect'] else ''}{quality['reason']}")

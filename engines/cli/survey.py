@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quality-prompts", type=int, default=None,
                         help="prompts compared with bf16 (default all on a GPU, 4 on CPU)")
     parser.add_argument("--no-cloze", action="store_true", help="skip the cloze score")
-    parser.add_argument("--kv-memory-gb", type=float, default=80.0,
+    parser.add_argument("--kv-memory-gib", type=float, default=80.0,
                         help="memory for the MQA/GQA/MHA concurrency table, GiB (default 80)")
     parser.add_argument("--kv-context", type=int, default=10240,
                         help="tokens per sequence in that table (default 10240: the survey's 2048 + 8192)")
@@ -74,7 +74,7 @@ def config_from_args(args):
         tokens=parse_counts(args.tokens, "--tokens"), prompt_tokens=args.prompt_tokens, runs=args.runs,
         repeats=args.repeats, vllm_engines=vllm, serving_max_new_tokens=args.vllm_max_new_tokens,
         quality_tokens=args.quality_tokens, quality_prompts=args.quality_prompts, is_cloze=not args.no_cloze,
-        kv_memory_gb=args.kv_memory_gb, kv_context=args.kv_context, engine_options=engine_options(args))
+        kv_memory_gib=args.kv_memory_gib, kv_context=args.kv_context, engine_options=engine_options(args))
 
 
 def run(args) -> int:

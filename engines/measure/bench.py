@@ -23,6 +23,7 @@ from engines.models.catalog import DUMMY_PREFIX, trust_remote_code
 from engines.models.dummy import is_token_id_in_vocab, materialize_weights
 from engines.models.sources import load_shape, resolve_model
 from engines.protocol import (
+    GIB,
     EngineError,
     EngineUnavailable,
     GenerationParams,
@@ -31,7 +32,6 @@ from engines.protocol import (
     describe_error,
 )
 from engines.registry import create_engine, get_spec, split_variant, unavailable_reason
-from engines.telemetry import GB
 
 FILLER = ("The history of the city begins with a small group of people who came to live by the river. They "
           "built houses of wood and stone, and they grew food in the fields around them. Over many years the "
@@ -68,17 +68,17 @@ class BenchRow:
     num_tokens: int | None = None
     prefill_tokens: int | None = None
     prefill_s: float | None = None
-    encode_peak_gb: float | None = None
-    generate_peak_gb: float | None = None
-    torch_peak_gb: float | None = None
+    encode_peak_gib: float | None = None
+    generate_peak_gib: float | None = None
+    torch_peak_gib: float | None = None
     memory_kind: str = ""
     roofline_tok_s: float | None = None
     roofline_frac: float | None = None
-    read_per_token_gb: float | None = None
+    read_per_token_gib: float | None = None
     greedy_agreement: float | None = None
     perplexity: float | None = None
     perplexity_ratio: float | None = None
-    weight_footprint_gb: float | None = None
+    weight_footprint_gib: float | None = None
     quality_note: str = ""
     kernel_launches_per_token: float | None = None
     cpu_ms_per_token: float | None = None
@@ -176,23 +176,23 @@ def _bench_engine(label, config, source, short_prompt, long_prompt, shape, bandw
         started = time.perf_counter()
         engine.load(progress=say)
         row.load_s = time.perf_counter() - started
-        row.weight_footprint_gb = engine.weight_footprint_gb() if isinstance(engine, Scoring) else None
+        row.weight_footprint_gib = engine.weight_footprint_gib() if isinstance(engine, Scoring) else None
         _generate(engine, short_prompt, config.warmup_tokens, device)
         encode = _generate(engine, long_prompt, 1, device)
         row.prefill_tokens, row.prefill_s = encode.num_prompt_tokens, encode.ttft_s
-        row.encode_peak_gb = encode.peak_memory_gb
+        row.encode_peak_gib = encode.peak_memory_gib
         runs = [_generate(engine, short_prompt, config.max_new_tokens, device) for _ in range(config.num_repeats)]
         row.ttft_s = statistics.median(run.ttft_s for run in runs)
         row.decode_tok_s = statistics.median(run.decode_tok_s or 0.0 for run in runs)
         row.num_tokens = min(run.num_tokens for run in runs)
-        row.generate_peak_gb = max(run.peak_memory_gb or 0.0 for run in runs)
-        row.torch_peak_gb = runs[-1].torch_peak_gb
+        row.generate_peak_gib = max(run.peak_memory_gib or 0.0 for run in runs)
+        row.torch_peak_gib = runs[-1].torch_peak_gib
         row.memory_kind = runs[-1].memory_kind
         context = runs[0].num_prompt_tokens + config.max_new_tokens // 2
         precision = engine.precision()
         if precision is not None:
             roofline = decode_roofline(shape, precision, bandwidth.bandwidth_gb_s, context)
-            row.roofline_tok_s, row.read_per_token_gb = roofline.roofline_tok_s, roofline.bytes_per_token / GB
+            row.roofline_tok_s, row.read_per_token_gib = roofline.roofline_tok_s, roofline.bytes_per_token / GIB
             row.roofline_frac = row.decode_tok_s / roofline.roofline_tok_s if row.decode_tok_s else None
         if config.is_profiled:
             _profile(engine, spec, short_prompt, config.max_new_tokens, device, row)

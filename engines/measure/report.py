@@ -46,8 +46,8 @@ def to_markdown(result: BenchResult) -> str:
         lines.append(
             f"| {row.engine} | ok | {_number(row.load_s, 1)} | {_number(row.ttft_s, 3)} "
             f"| {_number(row.decode_tok_s, 1)} "
-            f"| {row.num_tokens} | {_number(row.prefill_s, 3)} ({row.prefill_tokens}) | {_number(row.encode_peak_gb)} "
-            f"| {_number(row.generate_peak_gb)} | {_number(row.weight_footprint_gb, 3)} "
+            f"| {row.num_tokens} | {_number(row.prefill_s, 3)} ({row.prefill_tokens}) | {_number(row.encode_peak_gib)} "
+            f"| {_number(row.generate_peak_gib)} | {_number(row.weight_footprint_gib, 3)} "
             f"| {_number(row.roofline_tok_s, 1)} "
             f"| {_number(row.roofline_frac, 1, 100, '%')} | {_number(row.greedy_agreement, 3)} "
             f"| {_number(row.perplexity, 2)} | {_number(row.perplexity_ratio, 3)} | {row.quality_note} |")
@@ -127,9 +127,9 @@ def build_figures(result: BenchResult) -> dict:
                                   mode="markers", marker={"symbol": "line-ew-open", "size": 30})])
     speed.update_layout(title=f"Decode speed at {result.config.max_new_tokens} tokens", yaxis_title="tokens/s")
     memory = go.Figure([
-        go.Bar(name=f"encode {result.config.prompt_tokens} tokens", x=names, y=[row.encode_peak_gb for row in rows]),
+        go.Bar(name=f"encode {result.config.prompt_tokens} tokens", x=names, y=[row.encode_peak_gib for row in rows]),
         go.Bar(name=f"generate {result.config.max_new_tokens} tokens", x=names,
-               y=[row.generate_peak_gb for row in rows])])
+               y=[row.generate_peak_gib for row in rows])])
     memory.update_layout(title="Peak memory", yaxis_title="GiB", barmode="group")
     roofline = go.Figure(go.Bar(x=names, y=[100 * (row.roofline_frac or 0) for row in rows]))
     roofline.update_layout(title="Decode speed as % of each engine's own roofline", yaxis_title="%")

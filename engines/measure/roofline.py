@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from engines.measure.kv_calc import kv_bytes
 from engines.models.shape import ModelShape
-from engines.protocol import EngineStats, Precision
+from engines.protocol import GIB, EngineStats, Precision
 from engines.telemetry import DTYPE_BYTES  # noqa: F401  (re-exported for the variants' own roofline bytes)
 
 
@@ -47,7 +47,7 @@ def measure_bandwidth(device: str, copy_bytes: int | None = None, num_repeats: i
     """Median copy bandwidth of `device` ("cuda", "cuda:N" or "cpu")."""
     import torch
     is_cuda = device.startswith("cuda")
-    copy_bytes = copy_bytes or (2 * 1024 ** 3 if is_cuda else 256 * 1024 ** 2)
+    copy_bytes = copy_bytes or (2 * GIB if is_cuda else 256 * 1024 ** 2)
     source = torch.empty(copy_bytes, dtype=torch.uint8, device=device).fill_(1)
     target = torch.empty_like(source)
     target.copy_(source)  # warm-up: first touch of the pages, kernel selection

@@ -56,7 +56,7 @@ class SurveyConfig:
     quality_tokens: int | None = None    # greedy tokens compared with bf16's per prompt
     quality_prompts: int | None = None   # prompts compared (None: all)
     is_cloze: bool = True
-    kv_memory_gb: float = 80.0
+    kv_memory_gib: float = 80.0
     kv_context: int = SURVEY_KV_CONTEXT  # tokens per sequence in the MQA/GQA/MHA table (arithmetic only)
     reference_shape: str = "llama-3-8b"  # the bandwidth-bound shape the conclusions compare with
     engine_options: dict = field(default_factory=dict)
@@ -81,8 +81,8 @@ class SurveyConfig:
                 raise EngineError(f"{key.replace('_', '-')} must be at least 1, got {getattr(config, key)}")
         if config.quality_tokens > REFERENCE_TOKENS:
             raise EngineError(f"quality-tokens compares against a {REFERENCE_TOKENS}-token reference; at most that")
-        if not config.kv_memory_gb > 0:
-            raise EngineError(f"--kv-memory-gb must be positive, got {config.kv_memory_gb}")
+        if not config.kv_memory_gib > 0:
+            raise EngineError(f"--kv-memory-gib must be positive, got {config.kv_memory_gib}")
         if config.kv_context < 1:
             raise EngineError(f"--kv-context must be at least 1 token, got {config.kv_context}")
         return config
@@ -113,8 +113,8 @@ def run_survey(config: SurveyConfig, progress: ProgressCallback | None = None) -
     report = SurveyReport(
         model=source.name, device=device, machine=_machine(device), settings=_settings(config, session),
         notes=session.notes, formats=number_formats(), quality=quality, speed=speed, memory=memory,
-        serving=_serving_rows(serving, config), kv=kv_layouts(shape, config.kv_context, config.kv_memory_gb),
-        kv_context=config.kv_context, kv_memory_gb=config.kv_memory_gb, precisions=session.precisions,
+        serving=_serving_rows(serving, config), kv=kv_layouts(shape, config.kv_context, config.kv_memory_gib),
+        kv_context=config.kv_context, kv_memory_gib=config.kv_memory_gib, precisions=session.precisions,
         bandwidth_gb_s=session.bandwidth_gb_s, shape=asdict(shape))
     report.conclusions = conclude(report, load_shape(config.reference_shape))
     return report

@@ -171,22 +171,22 @@ def memory_conclusion(report: SurveyReport, reference_shape: ModelShape) -> Conc
     rule = f"yes when some quantized precision's peak generating the largest N is at most {MAX_MEMORY_RATIO}x bf16's"
     bf16, quantized = _split(report.memory)
     n = str(max(report.settings["tokens"]))
-    if bf16 is None or bf16.generate_peak_gb.get(n) is None or not quantized:
+    if bf16 is None or bf16.generate_peak_gib.get(n) is None or not quantized:
         return _answer("yes", "n/a", [], rule, claim, survey_numbers,
                        reason="needs bf16 and a quantized precision with a measured peak")
-    base, kind = bf16.generate_peak_gb[n], bf16.memory_kind or "memory"
-    numbers = [f"bf16: peak {base:.2f} GiB generating {n} ({kind}), weights {_number(bf16.weight_footprint_gb)} GiB, "
+    base, kind = bf16.generate_peak_gib[n], bf16.memory_kind or "memory"
+    numbers = [f"bf16: peak {base:.2f} GiB generating {n} ({kind}), weights {_number(bf16.weight_footprint_gib)} GiB, "
                f"{_added(bf16, base)}"]
     ratios = []
     for row in quantized:
-        peak = row.generate_peak_gb.get(n)
+        peak = row.generate_peak_gib.get(n)
         if peak is None:
             continue
         ratios.append(peak / base)
         weights = ""
-        if row.weight_footprint_gb and bf16.weight_footprint_gb:
-            weights = (f", weights {row.weight_footprint_gb:.2f} GiB "
-                       f"({row.weight_footprint_gb / bf16.weight_footprint_gb:.2f}x)")
+        if row.weight_footprint_gib and bf16.weight_footprint_gib:
+            weights = (f", weights {row.weight_footprint_gib:.2f} GiB "
+                       f"({row.weight_footprint_gib / bf16.weight_footprint_gib:.2f}x)")
         numbers.append(f"{row.engine}: peak {peak:.2f} GiB ({ratios[-1]:.2f}x){weights}, {_added(row, peak)}")
     if not ratios:
         return _answer("yes", "n/a", numbers, rule, claim, survey_numbers, reason="no quantized peak to compare")
@@ -205,25 +205,26 @@ def memory_conclusion(report: SurveyReport, reference_shape: ModelShape) -> Conc
 
 
 def _memory_reason(bf16, quantized, n: str, kind: str) -> str:
-    best = min((row for row in quantized if row.generate_peak_gb.get(n) is not None),
-               key=lambda row: row.generate_peak_gb[n])
-    peak, base = best.generate_peak_gb[n], bf16.generate_peak_gb[n]
-    if peak >= base and None not in (best.weight_footprint_gb, bf16.weight_footprint_gb, best.baseline_gb,
-                                      bf16.baseline_gb):
+    best = min((row for row in quantized if row.generate_peak_gib.get(n) is not None),
+               key=lambda row: row.generate_peak_gib[n])
+    peak, base = best.generate_peak_gib[n], bf16.generate_peak_gib[n]
+    if peak >= base and None not in (best.weight_footprint_gib, bf16.weight_footprint_gib, best.baseline_gib,
+                                      bf16.baseline_gib):
+        smaller_gib = bf16.weight_footprint_gib - best.weight_footprint_gib
         return (f"even {best.engine}, the smallest quantized peak, is {peak / base:.2f}x bf16's: its weights are "
-                f"{bf16.weight_footprint_gb - best.weight_footprint_gb:.2f} GiB smaller, but the process ({kind}) held "
-                f"more beside them: {best.baseline_gb:.2f} GiB before it loaded against bf16's {bf16.baseline_gb:.2f} "
+                f"{smaller_gib:.2f} GiB smaller, but the process ({kind}) held more beside them: "
+                f"{best.baseline_gib:.2f} GiB before it loaded against bf16's {bf16.baseline_gib:.2f} "
                 "(libraries imported and memory earlier engines left), then its loader's and kernels' buffers")
-    if bf16.weight_footprint_gb is not None:
-        return (f"bf16's weights are {bf16.weight_footprint_gb:.2f} of its {base:.2f} GiB peak; the rest (the "
+    if bf16.weight_footprint_gib is not None:
+        return (f"bf16's weights are {bf16.weight_footprint_gib:.2f} of its {base:.2f} GiB peak; the rest (the "
                 f"process's own memory, {kind}, activations, KV cache) is memory weight quantization does not touch")
     return "the peak is mostly memory that weight quantization does not touch"
 
 
 def _added(row, peak: float) -> str:
-    if row.baseline_gb is None:
+    if row.baseline_gib is None:
         return "nothing measured before it loaded"
-    return f"{peak - row.baseline_gb:+.2f} GiB over the {row.baseline_gb:.2f} GiB before it loaded"
+    return f"{peak - row.baseline_gib:+.2f} GiB over the {row.baseline_gib:.2f} GiB before it loaded"
 
 
 def _params(shape: dict) -> int:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engines.measure.kv_calc import KV_DTYPE_BYTES, WEIGHT_BYTES_BF16, kv_bytes
 from engines.models.shape import ModelShape
+from engines.protocol import GIB
 
 SURVEY_LABEL = "survey (Qwen-7B-Chat, A100)"
 SURVEY_PROMPT = "输出20个任意的中文字符。"
@@ -47,7 +48,7 @@ class QualityRow:
     cloze_correct: int | None = None
     cloze_total: int | None = None
     cloze_note: str = ""
-    weight_footprint_gb: float | None = None
+    weight_footprint_gib: float | None = None
     note: str = ""
     survey_mmlu: float | None = None
 
@@ -67,7 +68,7 @@ class SpeedRow:
     num_tokens: int | None = None   # generated (fewer than N when the model ended at EOS)
     prompt_tokens: int | None = None
     ttft_s: float | None = None
-    generate_peak_gb: float | None = None
+    generate_peak_gib: float | None = None
     survey_tok_s: float | None = None
 
 
@@ -77,10 +78,10 @@ class MemoryRow:
     status: str = "ok"
     reason: str = ""
     encode_tokens: int | None = None
-    encode_peak_gb: float | None = None
-    generate_peak_gb: dict[str, float | None] = field(default_factory=dict)   # str(N) -> GiB
-    weight_footprint_gb: float | None = None
-    baseline_gb: float | None = None    # the process's memory before this engine loaded (same kind)
+    encode_peak_gib: float | None = None
+    generate_peak_gib: dict[str, float | None] = field(default_factory=dict)   # str(N) -> GiB
+    weight_footprint_gib: float | None = None
+    baseline_gib: float | None = None    # the process's memory before this engine loaded (same kind)
     memory_kind: str = ""
     survey_gb: dict[str, float] = field(default_factory=dict)
 
@@ -97,7 +98,7 @@ class ServingRow:
     mean_tokens: float | None = None
     mean_tok_s: float | None = None
     num_runs: int = 0
-    peak_gb: float | None = None
+    peak_gib: float | None = None
     survey_tok_s: float | None = None
 
 
@@ -139,7 +140,7 @@ class SurveyReport:
     serving: list[ServingRow]
     kv: list[KvLayoutRow]
     kv_context: int
-    kv_memory_gb: float
+    kv_memory_gib: float
     precisions: dict[str, dict]     # engine -> its Precision (bytes per weight / KV element) as measured
     bandwidth_gb_s: float | None
     shape: dict
@@ -188,13 +189,13 @@ def gqa_kv_heads(num_attention_heads: int) -> int | None:
     return divisors[0] if divisors else None
 
 
-def kv_layouts(shape: ModelShape, context_tokens: int, memory_gb: float) -> list[KvLayoutRow]:
+def kv_layouts(shape: ModelShape, context_tokens: int, memory_gib: float) -> list[KvLayoutRow]:
     """KV bytes per token and sequences of `context_tokens` that fit beside the BF16 weights in
-    `memory_gb` GiB, for MHA, GQA and MQA on this model's layers and head size (kv_calc)."""
+    `memory_gib` GiB, for MHA, GQA and MQA on this model's layers and head size (kv_calc)."""
     heads = shape.num_attention_heads
     own = shape.attention_layout
     layouts = {"MHA": heads, "GQA": shape.num_kv_heads if own == "GQA" else gqa_kv_heads(heads), "MQA": 1}
-    budget = memory_gb * 1024 ** 3 - shape.num_params * WEIGHT_BYTES_BF16
+    budget = memory_gib * GIB - shape.num_params * WEIGHT_BYTES_BF16
     rows = []
     for layout, num_kv_heads in layouts.items():
         if num_kv_heads is None:

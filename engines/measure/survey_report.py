@@ -70,7 +70,7 @@ def to_markdown(report: SurveyReport) -> str:
         cloze = f"{row.cloze_correct}/{row.cloze_total}" if row.cloze_correct is not None else "n/a"
         note = _status(row) or _cell("; ".join(filter(None, [row.note, row.cloze_note])))
         lines.append(f"| {row.engine} | {_n(row.perplexity)} | {_n(row.perplexity_ratio, 3, 'x')} "
-                     f"| {_n(row.greedy_agreement, 3)} | {cloze} | {_n(row.weight_footprint_gb)} | {note} "
+                     f"| {_n(row.greedy_agreement, 3)} | {cloze} | {_n(row.weight_footprint_gib)} | {note} "
                      f"| {_n(row.survey_mmlu, 1)} |")
     lines += ["", _speed_table(report), "", _memory_table(report), "", _serving_table(report), "",
               _kv_table(report), "", _conclusions(report)]
@@ -116,9 +116,9 @@ def _memory_table(report: SurveyReport) -> str:
              "|---|---|" + "---|" * len(tokens) + "---|---|---|---|"]
     for row in report.memory:
         survey = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in row.survey_gb.items())
-        lines.append(f"| {row.engine} | {_n(row.encode_peak_gb)} | "
-                     + " | ".join(_n(row.generate_peak_gb.get(n)) for n in tokens)
-                     + f" | {_n(row.weight_footprint_gb)} | {_n(row.baseline_gb)} | {_status(row)} | {survey} |")
+        lines.append(f"| {row.engine} | {_n(row.encode_peak_gib)} | "
+                     + " | ".join(_n(row.generate_peak_gib.get(n)) for n in tokens)
+                     + f" | {_n(row.weight_footprint_gib)} | {_n(row.baseline_gib)} | {_status(row)} | {survey} |")
     return "\n".join(lines)
 
 
@@ -129,7 +129,7 @@ def _serving_table(report: SurveyReport) -> str:
     for row in report.serving:
         lines.append(f"| {row.row} | {_cell(row.engine)} | {row.mode} | {row.prompt_tokens or 'n/a'} "
                      f"| {row.max_new_tokens or 'n/a'} | {_n(row.mean_tokens, 1)} | {_n(row.mean_tok_s, 1)} "
-                     f"| {_n(row.peak_gb)} | {_status(row) or _cell(row.reason)} | {_n(row.survey_tok_s)} |")
+                     f"| {_n(row.peak_gib)} | {_status(row) or _cell(row.reason)} | {_n(row.survey_tok_s)} |")
     return "\n".join(lines)
 
 
@@ -137,7 +137,7 @@ def _kv_table(report: SurveyReport) -> str:
     shape = report.shape
     lines = [f"## 6. MQA / GQA / MHA on this model's layers ({shape['num_layers']} layers, "
              f"{shape['num_attention_heads']} query heads, head_dim {shape['head_dim']}; kv_calc)", "",
-             f"Sequences of {report.kv_context:,} tokens that fit in {report.kv_memory_gb:g} GiB beside the BF16 "
+             f"Sequences of {report.kv_context:,} tokens that fit in {report.kv_memory_gib:g} GiB beside the BF16 "
              "weights.",
              "", "| layout | KV heads | model's own | KV per token (BF16) | per sequence | sequences, BF16 KV "
              "| sequences, FP8 KV |", "|---|---|---|---|---|---|---|"]
@@ -190,9 +190,9 @@ def build_figures(report: SurveyReport) -> dict:
     memory_rows = [row for row in report.memory if row.status == "ok"]
     names = [row.engine for row in memory_rows]
     memory = go.Figure([go.Bar(name=f"encode {report.settings['prompt_tokens']}", x=names,
-                               y=[row.encode_peak_gb for row in memory_rows])]
+                               y=[row.encode_peak_gib for row in memory_rows])]
                        + [go.Bar(name=f"generate {n}", x=names,
-                                 y=[row.generate_peak_gb.get(str(n)) for row in memory_rows])
+                                 y=[row.generate_peak_gib.get(str(n)) for row in memory_rows])
                           for n in report.settings["tokens"]])
     for key in ("encode_2048", "generate_8192"):
         memory.add_scatter(name=f"{SURVEY_LABEL} {key.replace('_', ' ')} (GB)", x=names, mode="markers",
@@ -207,7 +207,7 @@ def build_figures(report: SurveyReport) -> dict:
     layouts = [row.layout for row in kv_rows]
     kv = go.Figure([go.Bar(name="BF16 KV", x=layouts, y=[row.max_sequences_bf16 for row in kv_rows]),
                     go.Bar(name="FP8 KV", x=layouts, y=[row.max_sequences_fp8 for row in kv_rows])])
-    kv.update_layout(title=f"Sequences of {report.kv_context:,} tokens in {report.kv_memory_gb:g} GiB beside the "
+    kv.update_layout(title=f"Sequences of {report.kv_context:,} tokens in {report.kv_memory_gib:g} GiB beside the "
                            "weights", barmode="group")
     return {"quality": quality, "speed": speed, "memory": memory, "serving": serving, "kv": kv}
 

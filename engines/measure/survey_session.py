@@ -128,7 +128,7 @@ class SurveySession:
         engine = None
         try:
             if is_primary:
-                result.memory.baseline_gb = MemoryProbe(self.device).read().memory_gb
+                result.memory.baseline_gib = MemoryProbe(self.device).read().memory_gib
             engine = self._load(name, variant_options, {} if is_primary else {"attn_implementation": implementation})
             result.is_transformers = hasattr(getattr(engine, "options", None), "sdpa_backend")
             built = getattr(getattr(getattr(engine, "model", None), "config", None), "_attn_implementation", None)
@@ -141,7 +141,7 @@ class SurveySession:
             for key, key_rows in rows.items():
                 self._speed_rows(engine, key, key_rows, result.is_transformers)
             if is_primary:
-                result.memory.generate_peak_gb = {str(row.new_tokens): row.generate_peak_gb
+                result.memory.generate_peak_gib = {str(row.new_tokens): row.generate_peak_gib
                                                   for row in rows[PRIMARY_ATTENTION]}
         except EngineUnavailable as error:
             _mark(everything, "unavailable", str(error))
@@ -166,10 +166,10 @@ class SurveySession:
             self.precisions[label] = dataclasses.asdict(precision)
         stats = _generate(engine, self.encode_prompt, 1, self.device)
         memory = result.memory
-        memory.encode_tokens, memory.encode_peak_gb = stats.num_prompt_tokens, stats.peak_memory_gb
+        memory.encode_tokens, memory.encode_peak_gib = stats.num_prompt_tokens, stats.peak_memory_gib
         memory.memory_kind = stats.memory_kind
         if isinstance(engine, Scoring):
-            memory.weight_footprint_gb = result.quality.weight_footprint_gb = engine.weight_footprint_gb()
+            memory.weight_footprint_gib = result.quality.weight_footprint_gib = engine.weight_footprint_gib()
         self._quality(engine, label, result.quality)
         for row in result.serving.values():
             try:
@@ -227,7 +227,7 @@ class SurveySession:
             row.decode_tok_s = _median([run.decode_tok_s for run in runs])
             row.num_tokens, row.prompt_tokens = min(run.num_tokens for run in runs), runs[0].num_prompt_tokens
             row.ttft_s = _median([run.ttft_s for run in runs])
-            row.generate_peak_gb = max((run.peak_memory_gb for run in runs if run.peak_memory_gb is not None),
+            row.generate_peak_gib = max((run.peak_memory_gib for run in runs if run.peak_memory_gib is not None),
                                        default=None)
             if row.decode_tok_s is None:
                 row.reason = "ended after its first token, so there is no decode speed"
@@ -270,7 +270,7 @@ class SurveySession:
         speeds = [run.decode_tok_s for run in runs if run.decode_tok_s]
         row.mean_tok_s = statistics.mean(speeds) if speeds else None
         row.mean_tokens = statistics.mean(run.num_tokens for run in runs)
-        row.peak_gb = max((run.peak_memory_gb for run in runs if run.peak_memory_gb is not None), default=None)
+        row.peak_gib = max((run.peak_memory_gib for run in runs if run.peak_memory_gib is not None), default=None)
         if not speeds:
             row.reason = "every run ended after its first token, so there is no decode speed"
 
@@ -281,7 +281,7 @@ def _median(values: list) -> float | None:
 
 
 # A row counts as measured once it holds this field; a failure later on the same load leaves it alone.
-_MEASURED = {SpeedRow: "num_tokens", QualityRow: "weight_footprint_gb", MemoryRow: "encode_peak_gb",
+_MEASURED = {SpeedRow: "num_tokens", QualityRow: "weight_footprint_gib", MemoryRow: "encode_peak_gib",
              ServingRow: "mean_tokens"}
 
 

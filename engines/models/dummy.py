@@ -48,12 +48,23 @@ def provision_dummy(config_name: str, embedded: ModelSource, progress: ProgressC
     config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
                   transformers_version=transformers.__version__)
     config.setdefault("torch_dtype", "bfloat16")
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "config.json").write_text(json.dumps(config, indent=2))
-    (target / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": tokenizer.eos_token_id,
-         "pad_token_id": config["pad_token_id"]}, indent=2))
-    tokenizer.save_pretrained(target)
+    content = json.dumps(config, indent=2)
+    from filelock import FileLock
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Another process (a second command, a parallel test worker) may be reading this folder: it is written
+    # once, whole, under a lock, and rewritten only when the shape's config changed.
+    with FileLock(str(target) + ".lock"):
+        if not ((target / "config.json").is_file() and (target / "config.json").read_text() == content):
+            staging = target.with_name(target.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            (staging / "config.json").write_text(content)
+            (staging / "generation_config.json").write_text(json.dumps(
+                {"bos_token_id": config["bos_token_id"], "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": config["pad_token_id"]}, indent=2))
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
     return ModelSource(f"{DUMMY_PREFIX}{stem}", target, None, "dummy")
 
 
@@ -68,10 +79,16 @@ def random_model(path: Path, dtype, device: str, attn_implementation: str = "sdp
 
 def materialize_weights(source: ModelSource, device: str, progress: ProgressCallback | None = None) -> Path:
     """A sibling folder of `source` with random BF16 weights saved once, for loaders that read files only."""
-    import torch
     # Keyed by the config's content, so an edited shape under the same name never reuses stale weights.
     digest = hashlib.sha256((source.path / "config.json").read_bytes()).hexdigest()[:12]
     target = source.path.with_name(f"{source.path.name}-random-weights-{digest}")
+    from filelock import FileLock
+    with FileLock(str(target) + ".lock"):
+        return _write_random_weights(source, target, device, progress)
+
+
+def _write_random_weights(source: ModelSource, target: Path, device: str, progress: ProgressCallback | None) -> Path:
+    import torch
     if (target / "model.safetensors.index.json").is_file() or (target / "model.safetensors").is_file():
         return target
     if progress:

@@ -623,7 +623,7 @@ def parallel_run(session: AppSession, keys: list[str], max_new_tokens: int) -> t
             "num_tokens",
             "ttft_s",
             "decode_tok_s",
-            "peak_memory_gb",
+            "peak_memory_gib",
             "memory_kind",
             "kv_blocks_total",
             "kv_peak_used_frac",
@@ -714,16 +714,16 @@ def p1_overhead(session: AppSession, keys: list[str], max_new_tokens: int, repea
 
 
 def vllm_unload(session: AppSession, vllm_keys: list[str], before_vllm_gib: float | None) -> dict:
-    from engines.telemetry import nvml_device_used_gb
+    from engines.telemetry import nvml_device_used_gib
 
-    loaded_gib = nvml_device_used_gb()
+    loaded_gib = nvml_device_used_gib()
     steps = []
     for key in vllm_keys:
-        before_gib = nvml_device_used_gb()
+        before_gib = nvml_device_used_gib()
         answer = json.loads(session.client.predict(key, api_name="/unload_engine"))
         time.sleep(3)
-        steps.append({"key": key, "before_gib": before_gib, "after_gib": nvml_device_used_gb(), **answer})
-    after_gib = nvml_device_used_gb()
+        steps.append({"key": key, "before_gib": before_gib, "after_gib": nvml_device_used_gib(), **answer})
+    after_gib = nvml_device_used_gib()
     ratio = after_gib / before_vllm_gib if after_gib and before_vllm_gib else None
     return {
         "before_vllm_load_gib": before_vllm_gib,
@@ -741,7 +741,7 @@ def app_step(args) -> int:
     stamp to the client, p50/p95 per token; P1 per engine; every vLLM engine unloaded against the device memory
     before they loaded (goal: within 5%); then Unload all. Device memory is NVML's, the whole GPU, in GiB."""
     from engines.registry import list_engines
-    from engines.telemetry import nvml_device_used_gb
+    from engines.telemetry import nvml_device_used_gib
 
     out = Path(args.out) / "app"
     out.mkdir(parents=True, exist_ok=True)
@@ -765,7 +765,7 @@ def app_step(args) -> int:
         "engines": keys,
         "skipped": skipped,
         "options": options,
-        "device_before_gib": nvml_device_used_gb(),
+        "device_before_gib": nvml_device_used_gib(),
     }
 
     def save():
@@ -774,15 +774,15 @@ def app_step(args) -> int:
 
     try:
         with AppSession(args, keys, options, out) as session:
-            result["startup_device_gib"] = nvml_device_used_gb()
+            result["startup_device_gib"] = nvml_device_used_gib()
             in_process = [key for key in keys if key not in vllm_keys]
             log(f"loading in-process engines {in_process}")
             result["load_in_process"] = load_engines(session, in_process) if in_process else None
-            result["device_in_process_gib"] = nvml_device_used_gb()
+            result["device_in_process_gib"] = nvml_device_used_gib()
             save()
             log(f"loading vLLM engines {vllm_keys}")
             result["load_all"] = load_engines(session, keys)
-            result["device_all_gib"] = nvml_device_used_gb()
+            result["device_all_gib"] = nvml_device_used_gib()
             result["gpu_processes"] = gpu_processes()
             save()
             log("parallel run, every engine resident")
@@ -796,11 +796,11 @@ def app_step(args) -> int:
                 log(f"vLLM unload {result['vllm_unload']}")
             session.client.predict(api_name="/unload")
             time.sleep(2)
-            result["device_after_unload_all_gib"] = nvml_device_used_gb()
+            result["device_after_unload_all_gib"] = nvml_device_used_gib()
     except Exception as error:
         result["error"] = f"{type(error).__name__}: {error}"
         log(f"app step failed: {result['error']}")
-    result["device_end_gib"] = nvml_device_used_gb()
+    result["device_end_gib"] = nvml_device_used_gib()
     save()
     print(app_markdown(result))
     return 0 if "error" not in result else 1
@@ -848,9 +848,9 @@ def app_markdown(result: dict) -> str:
             text = (pane.get("error") or pane["text"][:70]).replace("|", "/").replace("\n", " ")
             lines.append(
                 f"| {pane['key']} | {pane['state']} | {pane.get('num_tokens', '')} | {pane.get('ttft_s', '')} | "
-                f"{pane.get('decode_tok_s', '')} | {pane.get('memory_gb', '')} | {pane.get('kv_blocks', '')} | "
-                f"{format_value(pane.get('stats_peak_memory_gb'))} | {format_value(pane.get('stats_kv_blocks_total'))} "
-                f"| {text} |"
+                f"{pane.get('decode_tok_s', '')} | {pane.get('memory_gib', '')} | {pane.get('kv_blocks', '')} | "
+                f"{format_value(pane.get('stats_peak_memory_gib'))} | "
+                f"{format_value(pane.get('stats_kv_blocks_total'))} | {text} |"
             )
     p3 = result.get("p3")
     if p3:

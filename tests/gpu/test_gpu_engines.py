@@ -9,7 +9,7 @@ import pytest
 
 from engines.protocol import GenerationParams
 from engines.registry import create_engine
-from engines.telemetry import nvml_device_used_gb
+from engines.telemetry import nvml_device_used_gib
 
 pytestmark = pytest.mark.gpu
 
@@ -48,14 +48,14 @@ def test_gptq_int4_runs_the_named_triton_backend():
 def test_vllm_unload_returns_device_memory_within_5_percent():
     import torch
     torch.cuda.init()  # the CUDA context stays for the process; create it before the first reading
-    before = nvml_device_used_gb()
+    before = nvml_device_used_gib()
     engine = create_engine("vllm", **VLLM_OPTIONS)
     engine.load()
-    loaded = nvml_device_used_gb()
+    loaded = nvml_device_used_gib()
     generate(engine, 16)
     engine.unload()
     time.sleep(3)
-    after = nvml_device_used_gb()
+    after = nvml_device_used_gib()
     assert loaded - before > 1.0  # the share was taken
     assert after <= before * 1.05, (before, loaded, after)
 
@@ -65,14 +65,14 @@ def test_in_process_unload_returns_device_memory_within_5_percent(name):
     """The H100 reliability table's in-process rows: NVML (whole device) before load, loaded, after unload."""
     import torch
     torch.cuda.init()
-    before = nvml_device_used_gb()
+    before = nvml_device_used_gib()
     engine = create_engine(name, device="cuda")
     engine.load()
     generate(engine, 16)
-    loaded = nvml_device_used_gb()
+    loaded = nvml_device_used_gib()
     engine.unload()
     time.sleep(1)
-    after = nvml_device_used_gb()
+    after = nvml_device_used_gib()
     assert loaded > before, (name, before, loaded)
     assert after <= before * 1.05, (name, before, loaded, after)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from engines.models.sources import resolve_model
 from engines.options import option, parse_options
 from engines.protocol import (
+    GIB,
     ChatPrompt,
     EngineError,
     EngineStats,
@@ -29,7 +30,7 @@ from engines.protocol import (
     say,
     validate_prompt,
 )
-from engines.telemetry import GB, GenerationRecorder, MemoryProbe, release_freed_memory
+from engines.telemetry import GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.variants.llamacpp.ladder import LADDER, ensure_rung
 from engines.variants.streaming import Chunk, Detokenizer, RequestStream, start_in_thread, stream_request
 
@@ -191,9 +192,9 @@ class GgufEngine(Scoring):
     def decode(self, token_ids: list[int]) -> str:
         return _Tokenizer(self.llm).decode(token_ids)
 
-    def weight_footprint_gb(self) -> float | None:
+    def weight_footprint_gib(self) -> float | None:
         """The file's bytes: llama.cpp maps the weights as they are stored."""
-        return self.gguf_path.stat().st_size / GB if self.gguf_path else None
+        return self.gguf_path.stat().st_size / GIB if self.gguf_path else None
 
     def precision(self) -> Precision:
         """Bytes per weight as stored in the file (read on load); before load, the shipped type is unknown."""

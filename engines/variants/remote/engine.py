@@ -44,7 +44,7 @@ class _NotMeasured:
     def read(self) -> MemoryReading:
         return MemoryReading(None, "remote: not measured")
 
-    def torch_peak_gb(self) -> None:
+    def torch_peak_gib(self) -> None:
         return None
 
 

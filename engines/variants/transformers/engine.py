@@ -17,6 +17,7 @@ from engines.models.catalog import ModelSource, trust_remote_code
 from engines.models.sources import resolve_model
 from engines.options import parse_options
 from engines.protocol import (
+    GIB,
     ChatPrompt,
     EngineError,
     EngineStats,
@@ -28,7 +29,7 @@ from engines.protocol import (
     describe_error,
     validate_prompt,
 )
-from engines.telemetry import DTYPE_BYTES, GB, GenerationRecorder, MemoryProbe, release_freed_memory
+from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, release_freed_memory
 from engines.variants.streaming import Detokenizer, RequestStream, stream_request
 from engines.variants.transformers import shared_weights
 from engines.variants.transformers.attention import attention_unavailable_reason, sdpa_backend_context
@@ -205,11 +206,11 @@ class TransformersEngine(Scoring):
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def weight_footprint_gb(self) -> float:
+    def weight_footprint_gib(self) -> float:
         """Bytes held by parameters and buffers (packed quantized weights included), in GiB."""
         if self.model is None:
             raise EngineError(f"{self.name}: not loaded")
-        return self.model.get_memory_footprint() / GB
+        return self.model.get_memory_footprint() / GIB
 
     def precision(self) -> Precision:
         """Weights and KV cache in the compute dtype; quantized subclasses override the linear bytes."""

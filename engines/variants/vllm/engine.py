@@ -37,7 +37,7 @@ from engines.protocol import (
     describe_error,
     validate_prompt,
 )
-from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, nvml_device_used_gb, release_freed_memory
+from engines.telemetry import DTYPE_BYTES, GenerationRecorder, MemoryProbe, nvml_device_used_gib, release_freed_memory
 from engines.variants.streaming import RequestStream, stream_request
 from engines.variants.vllm.requests import (
     RequestTiming,
@@ -109,7 +109,7 @@ class VllmEngine(Scoring, Batching):
             engine_args = self.options.to_engine_args(str(self.source.path), self.device, draft and str(draft.path))
         except Exception as error:
             raise EngineError(f"{self.name}: vLLM refused the options: {describe_error(error)}") from error
-        baseline_gb = nvml_device_used_gb() if self.device != "cpu" else None
+        baseline_gib = nvml_device_used_gib() if self.device != "cpu" else None
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"{self.name}-loop", daemon=True)
         self._loop_thread.start()
@@ -124,7 +124,7 @@ class VllmEngine(Scoring, Batching):
             raise EngineError(f"{self.name}: vLLM could not load {self.source.name}: "
                               f"{describe_error(error)}") from error
         self.load_s = time.perf_counter() - started
-        self.memory = MemoryProbe(self.device, is_in_process=False, baseline_device_gb=baseline_gb)
+        self.memory = MemoryProbe(self.device, is_in_process=False, baseline_device_gib=baseline_gib)
         self.recorder = GenerationRecorder(self.name, self.memory, kv_probe=self.telemetry.snapshot)
         if progress:
             progress(f"{self.name}: ready in {self.load_s:.0f} s, {self.telemetry.kv_blocks_total} KV blocks "
@@ -223,7 +223,7 @@ class VllmEngine(Scoring, Batching):
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def weight_footprint_gb(self) -> float | None:
+    def weight_footprint_gib(self) -> float | None:
         """The weights live in the engine core's process; this process cannot count them."""
         return None
 

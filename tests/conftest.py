@@ -32,15 +32,34 @@ def pytest_sessionstart(session):
                      start_new_session=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
 
 
+# `make test` runs two xdist workers. Each test module is one work unit, so its module fixtures load once; the
+# modules that use the session `vllm_engine` are one unit together, so that engine (about 4 GiB across its
+# EngineCore and Worker, 40-60 s to start on 2 cores) loads in one worker only, never twice in 24 GB.
+# (xdist's own --dist loadgroup cannot do this under pytest 9: it renames node ids through an attribute that
+# pytest 9 no longer reads.)
+VLLM_ENGINE_MODULES = frozenset(f"tests/{name}.py" for name in (
+    "test_contract", "test_divergence", "test_kv_compare", "test_load_cli", "test_reliability", "test_shared_engine",
+    "test_vllm"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "vllm_engine" if module in VLLM_ENGINE_MODULES else module
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two xdist workers with `--dist loadgroup`: each module is one group, so its module
-    fixtures load once, except that every module using the session `vllm_engine` shares one group. That
-    engine (about 4 GiB across its EngineCore and Worker, and 40-60 s to start on 2 cores) then exists in one
-    worker only, and two workers never hold two copies of it in 24 GB."""
-    vllm_modules = {item.module.__name__ for item in items if "vllm_engine" in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("vllm_engine" if module in vllm_modules else module))
+    strays = sorted({item.nodeid.split("::", 1)[0] for item in items if "vllm_engine" in item.fixturenames}
+                    - VLLM_ENGINE_MODULES)
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} use vllm_engine: add them to VLLM_ENGINE_MODULES in "
+                                "tests/conftest.py, or two workers load two copies of it")
 
 
 def free_loopback_port() -> int:

@@ -208,6 +208,20 @@ def test_conclusions_turn_on_their_rules():
     assert any("12/20 (-25 points)" in number for number in quality.numbers)
 
 
+def test_a_precision_without_a_cloze_score_is_decided_on_its_perplexity():
+    # gguf's row: perplexity from llama.cpp, no cloze score (score_cloze gives correct=None, total=20). The
+    # default survey includes gguf, and this row once raised TypeError in the quality conclusion.
+    report = synthetic_report()
+    report.quality.append(QualityRow("gguf", perplexity=8.8, perplexity_ratio=8.8 / 8.7, greedy_agreement=0.7,
+                                     cloze_correct=None, cloze_total=20, cloze_note="n/a: gguf has no in-process "
+                                     "transformers model to score continuations with"))
+    assert report.quality[-1].cloze_accuracy is None
+    quality = conclude(report, load_shape("llama-3-8b"))[0]
+    assert quality.answer == "yes"
+    assert any(number.startswith("gguf: perplexity 8.80 (1.011x bf16)") and "cloze n/a" in number
+               for number in quality.numbers), quality.numbers
+
+
 @pytest.mark.slow
 def test_cloze_scores_through_the_loaded_model(bf16_engine):
     options = [" Paris", " Berlin", " Madrid", " Rome"]

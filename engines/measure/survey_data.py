@@ -54,7 +54,8 @@ class QualityRow:
 
     @property
     def cloze_accuracy(self) -> float | None:
-        return self.cloze_correct / self.cloze_total if self.cloze_total else None
+        # None where the engine cannot be scored (llama.cpp has no in-process model): total is still the items'.
+        return self.cloze_correct / self.cloze_total if self.cloze_correct is not None and self.cloze_total else None
 
 
 @dataclass

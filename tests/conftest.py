@@ -54,7 +54,19 @@ def pytest_xdist_make_scheduler(config, log):
     return ModuleScheduling(config, log)
 
 
+# Fixtures that load a real engine, start an app, a server or a browser: a test that uses one is `slow`, so
+# `pytest -m "not slow"` is the quick inner loop whether or not the test says so itself.
+HEAVY_FIXTURES = frozenset({
+    "app", "app_url", "awq_engine", "bf16_engine", "bf16_perplexity", "browser", "chat_playground", "cli_bench",
+    "client", "engine", "gguf_engine", "gptq_engine", "int8_engine", "nf4_engine", "page", "playground",
+    "quality_reference", "remote_engine", "server", "smollm2", "spec_engine", "tiny_cache", "tiny_model",
+    "vllm_engine", "vllm_fp8kv_engine", "vllm_int4_engine", "vllm_server", "vllm_spec_engine"})
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
     strays = sorted({item.nodeid.split("::", 1)[0] for item in items if "vllm_engine" in item.fixturenames}
                     - VLLM_ENGINE_MODULES)
     if strays:
